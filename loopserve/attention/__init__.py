@@ -1,0 +1,4 @@
+from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.attention.torch_ref import TorchPagedAttention
+
+__all__ = ["AttentionMetadata", "ForwardBatch", "KVCache", "TorchPagedAttention"]

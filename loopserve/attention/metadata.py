@@ -1,0 +1,44 @@
+"""What one forward pass tells every attention layer about the batch and the paged cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """One layer's paged cache: key and value pools shaped [num_blocks, block_size, num_kv_heads, head_dim]."""
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[1]
+
+
+@dataclass
+class AttentionMetadata:
+    """The batch is flat: sequence i owns query rows query_start_loc[i]:query_start_loc[i+1].
+
+    Its new tokens sit at the end of its context: row j of a sequence with q new tokens and
+    seq_lens[i] total tokens has position seq_lens[i] - q + j and attends to positions <= that.
+    """
+    query_start_loc: list[int]          # len B+1, host ints (loops over sequences stay on the host)
+    seq_lens: list[int]                 # len B: context length after this step's tokens are written
+    slot_mapping: torch.Tensor          # [T] long: flat cache slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor          # [B, max_blocks] long, padded with 0
+    decode_indices: list[int]           # sequences with exactly one new token (batched together)
+    prefill_indices: list[int]          # sequences with several new tokens
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a model's forward needs besides token ids and positions."""
+    meta: AttentionMetadata
+    kv_caches: list[KVCache]        # one per layer
+    backend: "object"               # has .forward(q, k, v, cache, meta, scale) -> [T, Hq, D]

@@ -1,0 +1,69 @@
+"""Reference paged attention in plain PyTorch: the CPU path and the GPU fallback.
+
+Correct for any mix of decodes, prefill chunks and prefix-cache hits in one batch: each
+sequence's keys are gathered from its block table, so cached and freshly written tokens look alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loopserve.attention.metadata import AttentionMetadata, KVCache
+
+
+class TorchPagedAttention:
+    name = "torch"
+
+    @staticmethod
+    def write_kv(cache: KVCache, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        nb, bs, h, d = cache.key.shape
+        cache.key.view(nb * bs, h, d).index_copy_(0, slot_mapping, key.to(cache.key.dtype))
+        cache.value.view(nb * bs, h, d).index_copy_(0, slot_mapping, value.to(cache.value.dtype))
+
+    @staticmethod
+    def _gather(pool: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+        # [n_blocks, bs, h, d] -> [length, h, d]
+        return pool.index_select(0, block_ids).flatten(0, 1)[:length]
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
+        self.write_kv(cache, key, value, meta.slot_mapping)
+        out = torch.empty_like(query)
+        bs = cache.block_size
+        num_q_heads, num_kv_heads = query.shape[1], cache.key.shape[2]
+        gqa = num_q_heads != num_kv_heads
+        qsl, lens = meta.query_start_loc, meta.seq_lens
+
+        if meta.decode_indices:
+            idx = meta.decode_indices
+            max_len = max(lens[i] for i in idx)
+            nblk = (max_len + bs - 1) // bs
+            tables = meta.block_tables[idx, :nblk]                          # [B, nblk]
+            k = cache.key[tables].flatten(1, 2)[:, :max_len]                # [B, L, Hkv, D]
+            v = cache.value[tables].flatten(1, 2)[:, :max_len]
+            rows = torch.tensor([qsl[i] for i in idx], device=query.device)
+            q = query.index_select(0, rows).unsqueeze(2)                     # [B, Hq, 1, D]
+            seq_len_t = torch.tensor([lens[i] for i in idx], device=query.device)
+            valid = torch.arange(max_len, device=query.device)[None, :] < seq_len_t[:, None]
+            mask = valid[:, None, None, :]                                   # [B, 1, 1, L]
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               scale=scale, enable_gqa=gqa)
+            out.index_copy_(0, rows, o.squeeze(2).to(out.dtype))
+
+        for i in meta.prefill_indices:
+            start, end = qsl[i], qsl[i + 1]
+            n_new, total = end - start, lens[i]
+            nblk = (total + bs - 1) // bs
+            block_ids = meta.block_tables[i, :nblk]
+            k = self._gather(cache.key, block_ids, total).transpose(0, 1)   # [Hkv, L, D]
+            v = self._gather(cache.value, block_ids, total).transpose(0, 1)
+            q = query[start:end].transpose(0, 1)                             # [Hq, n, D]
+            if n_new == total:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                q_pos = torch.arange(total - n_new, total, device=query.device)
+                mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            out[start:end] = o.transpose(0, 1).to(out.dtype)
+        return out
