@@ -1,0 +1,166 @@
+"""EngineCore: schedule -> execute -> update, one step at a time, over token ids only."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                              default_device, resolve_dtype)
+from loopserve.engine.kv_cache import KVCacheManager
+from loopserve.engine.request import Request, RequestStatus
+from loopserve.engine.scheduler import Scheduler
+from loopserve.runner.model_runner import ModelRunner, kv_bytes_per_block
+from loopserve.runner.sampler import SampledToken, Sampler
+from loopserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    wait_for: str | None = None  # a sibling sample (n > 1) whose prompt blocks this one will share
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[SampledToken] | None
+    finish_reason: str | None = None   # stop | length | abort
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+
+
+def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = kv_bytes_per_block(model_cfg, cache.block_size, dtype)
+    if cache.kv_cache_bytes is not None:
+        budget = cache.kv_cache_bytes
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - total * (1.0 - cache.gpu_memory_utilization))
+    else:
+        budget = DEFAULT_CPU_KV_CACHE_BYTES
+    return max(1, budget // per_block)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        from loopserve.fetch import resolve_model
+        from loopserve.model import load_model
+
+        self.config = config
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_path = resolve_model(config.model)
+        torch.manual_seed(config.seed)
+        self.model, self.model_config = load_model(self.model_path, config.load_format, self.dtype, self.device)
+        cache = config.cache
+        num_blocks = _num_kv_blocks(cache, self.model_config, self.dtype, self.device)
+        capacity = num_blocks * cache.block_size
+        wanted = config.max_model_len or min(self.model_config.max_position_embeddings,
+                                             config.scheduler.max_model_len)
+        if wanted > capacity:
+            log.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", wanted, capacity)
+        self.max_model_len = min(wanted, capacity)
+        sched_cfg = SchedulerConfig(
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            long_prefill_token_threshold=config.scheduler.long_prefill_token_threshold,
+            max_model_len=self.max_model_len)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
+        self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
+                                  self.device, self.dtype, self.sampler)
+        self.requests: dict[str, Request] = {}
+        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+                 self.model_path, self.device, self.dtype, num_blocks, cache.block_size, self.max_model_len)
+
+    def add_request(self, er: EngineRequest) -> None:
+        n = len(er.prompt_token_ids)
+        if er.request_id in self.requests:
+            raise ValueError(f"request id {er.request_id!r} is already in use")
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but the context window is {self.max_model_len} tokens "
+                             f"(at least one must be left for the output)")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in er.prompt_token_ids if not (0 <= t < vocab)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        gen = None
+        if er.params.seed is not None:
+            gen = Sampler.make_generator(er.params.seed, self.device)
+        sibling = self.requests.get(er.wait_for) if er.wait_for else None
+        req = Request(er.request_id, er.prompt_token_ids, er.params, self.max_model_len, self.eos_token_ids,
+                      cache_salt=er.cache_salt, generator=gen, wait_for=sibling)
+        req.timings.arrival = er.arrival_time
+        self.requests[er.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.finish(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_ids: list[str], status: RequestStatus, stop_reason: str | None = None) -> None:
+        """End requests from outside the step loop (abort, or a stop string found by the detokenizer)."""
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                req.stop_reason = stop_reason if stop_reason is not None else req.stop_reason
+                self.scheduler.finish(req, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[EngineOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        result = self.runner.execute(sched)
+        finished = {r.request_id for r in self.scheduler.update(sched, {k: v.token_id for k, v in result.sampled.items()})}
+        outputs = []
+        now = time.monotonic()
+        for rid, tok in result.sampled.items():
+            req = self.requests[rid]
+            if req.timings.first_token is None:
+                req.timings.first_token = now
+            out = EngineOutput(rid, [tok.token_id], [tok] if req.params.logprobs is not None else None,
+                               num_prompt_tokens=req.num_prompt_tokens,
+                               num_cached_tokens=max(req.num_cached_tokens, 0))
+            if rid in finished:
+                out.finish_reason = req.status.value
+                out.stop_reason = req.stop_reason
+                del self.requests[rid]
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.kv.stats
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage(),
+                           self.kv.num_blocks, self.kv.num_free_blocks, s.queried_tokens, s.hit_tokens,
+                           self.scheduler.num_preemptions)

@@ -1,0 +1,180 @@
+"""Token-budget scheduler: no prefill phase and no decode phase.
+
+Every request has num_computed_tokens and a target (all its known tokens). Each step hands out
+at most max_num_batched_tokens so requests catch up: a decode needs 1 token, a prompt needs many
+(capped per step so one long prompt cannot starve running decodes), a prefix-cache hit simply
+starts a request further along. Running requests are served first; when blocks run out the
+policy's victim is preempted (blocks freed, recomputed later), so the scheduler never deadlocks.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from loopserve.config import SchedulerConfig
+from loopserve.engine.kv_cache import KVCacheManager
+from loopserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+    # This step reaches the request's last known token, so its logits are sampled.
+    samples: bool = False
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+class FCFSPolicy:
+    """Ordering and admission: first come, first served; the latest arrival is preempted first."""
+
+    def requeue(self, waiting: deque[Request], request: Request) -> None:
+        waiting.appendleft(request)
+
+    def victim(self, running: list[Request]) -> Request:
+        return running[-1]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, policy: FCFSPolicy | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.policy = policy or FCFSPolicy()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        cap = self.config.prefill_cap()
+        scheduled: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, cap, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate(req, n):
+                victim = self.policy.victim(self.running)
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                out.seqs.append(ScheduledSeq(req, n, []))
+                scheduled.add(req.request_id)
+                budget -= n
+                i += 1
+                continue
+            break  # the request itself was preempted: every later one already was too
+
+        if out.preempted:
+            return self._finish(out)
+
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.wait_for is not None and not self._sibling_ready(req.wait_for):
+                skipped.append(self.waiting.popleft())
+                continue
+            hits = self.kv.find_cached_prefix(req)
+            num_hit = len(hits) * self.kv.block_size
+            n = min(req.num_tokens - num_hit, cap, budget)
+            if not self.kv.allocate(req, n, hits):
+                break
+            self.waiting.popleft()
+            self.kv.record_hit(req, num_hit)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            if req.timings.first_scheduled is None:
+                req.timings.first_scheduled = time.monotonic()
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            req.wait_for = None
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, n, []))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return self._finish(out)
+
+    def _finish(self, out: SchedulerOutput) -> SchedulerOutput:
+        # Tables are read once, after every allocation of this step.
+        for seq in out.seqs:
+            req = seq.request
+            seq.block_ids = self.kv.block_ids(req.request_id)
+            seq.samples = req.num_computed_tokens + seq.num_new_tokens == req.num_tokens
+        return out
+
+    @staticmethod
+    def _sibling_ready(sibling: Request) -> bool:
+        return sibling.status.finished or sibling.num_computed_tokens >= sibling.num_prompt_tokens
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req.request_id)
+        out.seqs = [s for s in out.seqs if s.request is not req]
+        self.policy.requeue(self.waiting, req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish stopped requests; returns finished."""
+        finished = []
+        for seq in out.seqs:
+            req = seq.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += seq.num_new_tokens
+            token = sampled.get(req.request_id)
+            if token is not None:
+                req.append_token(token)
+                status = req.check_stop()
+                if status is not None:
+                    self.finish(req, status)
+                    finished.append(req)
+                    continue
+            self.kv.cache_computed_blocks(req)
+        return finished
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Finish a request wherever it is (running, waiting or preempted) and free its blocks."""
+        if req.status.finished:
+            return
+        if req in self.running:
+            self.kv.cache_computed_blocks(req)
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = status
+        req.timings.finished = time.monotonic()
+        self.kv.free(req)

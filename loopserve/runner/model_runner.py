@@ -1,0 +1,86 @@
+"""Model runner: turns a SchedulerOutput into one forward pass over the paged cache, then samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.attention.torch_ref import TorchPagedAttention
+from loopserve.config import ModelConfig
+from loopserve.engine.scheduler import SchedulerOutput
+from loopserve.runner.sampler import SampledToken, Sampler, SamplingRow
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, SampledToken]  # only for requests whose last known token was processed
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype, sampler: Sampler) -> None:
+        self.model = model
+        self.cfg = model_config
+        self.device = device
+        self.block_size = block_size
+        self.sampler = sampler
+        self.backend = TorchPagedAttention()
+        shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                                  torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(model_config.num_layers)]
+
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        decode_idx: list[int] = []
+        prefill_idx: list[int] = []
+        logits_rows: list[int] = []
+        max_blocks = max(len(s.block_ids) for s in out.seqs)
+        tables = torch.zeros((len(out.seqs), max_blocks), dtype=torch.long)
+        for i, seq in enumerate(out.seqs):
+            req = seq.request
+            start, n = req.num_computed_tokens, seq.num_new_tokens
+            end = start + n
+            token_ids.extend(req.all_token_ids[start:end])
+            pos = range(start, end)
+            positions.extend(pos)
+            ids = seq.block_ids
+            slots.extend(ids[p // bs] * bs + p % bs for p in pos)
+            tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+            (decode_idx if n == 1 else prefill_idx).append(i)
+            if seq.samples:
+                logits_rows.append(query_start_loc[-1] - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc, seq_lens=seq_lens,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=tables.to(dev), decode_indices=decode_idx, prefill_indices=prefill_idx)
+        return (torch.tensor(token_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta, logits_rows)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.empty:
+            return RunnerOutput({})
+        input_ids, positions, meta, logits_rows = self._prepare(out)
+        hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
+        sampling = [s for s in out.seqs if s.samples]
+        if not sampling:
+            return RunnerOutput({})
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)])
+        rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
+                            s.request.generator) for s in sampling]
+        tokens = self.sampler.sample(logits, rows)
+        return RunnerOutput({s.request.request_id: t for s, t in zip(sampling, tokens)})
