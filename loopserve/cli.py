@@ -131,6 +131,36 @@ def _read_line(interactive: bool) -> str | None:
     return line.rstrip("\n") if line else None
 
 
+def _stream_reply(llm, messages: list[dict], params) -> tuple[str, float, float]:
+    """Print the reply as it streams; return (reply, seconds, seconds to the first text)."""
+    parts: list[str] = []
+    t0, t_first = time.perf_counter(), None
+    stream = llm.chat_stream(messages, params)
+    try:
+        for delta in stream:
+            if t_first is None:
+                t_first = time.perf_counter()
+            parts.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # frees the request in the engine if we stopped early (Ctrl-C)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - t0
+    return "".join(parts), elapsed, (t_first - t0) if t_first is not None else elapsed
+
+
+def _count_tokens(llm, text: str) -> int:
+    """Tokens in the reply (re-tokenized; the stream yields text, not token ids)."""
+    try:
+        return len(llm.get_tokenizer().encode(text, add_special_tokens=False))
+    except Exception:
+        return len(text.split())
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     llm = _load_llm(args)
@@ -159,25 +189,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 _err("(conversation cleared)")
                 continue
             history.append({"role": "user", "content": line})
-            reply, n, t0, t_first = [], 0, time.perf_counter(), None
-            stream = llm.chat_stream(system + history, params)
             try:
-                for delta in stream:
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    n += 1
-                    reply.append(delta)
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-            elapsed = time.perf_counter() - t0
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            history.append({"role": "assistant", "content": "".join(reply)})
-            ttft = (t_first - t0) if t_first is not None else elapsed
+                reply, elapsed, ttft = _stream_reply(llm, system + history, params)
+            except ValueError as e:  # e.g. the conversation no longer fits the context window
+                history.pop()
+                _err(f"error: {e} (/reset starts a new conversation)")
+                continue
+            history.append({"role": "assistant", "content": reply})
+            n = _count_tokens(llm, reply)
             decode = elapsed - ttft
             rate = (n - 1) / decode if n > 1 and decode > 0 else 0.0
             _err(f"[{n} tokens in {elapsed:.2f}s, first after {ttft:.2f}s, {rate:.1f} tok/s]")

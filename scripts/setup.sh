@@ -40,9 +40,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/loopser
 fi
 
 echo "setup: installing into $VENV (torch: $TORCH_REQ)"
-"${PIP[@]}" install -q --upgrade pip
-"${PIP[@]}" install -q "$TORCH_REQ"
-"${PIP[@]}" install -q -e '.[test]'
+"${PIP[@]}" install -qq --upgrade pip
+"${PIP[@]}" install -qq "$TORCH_REQ"
+"${PIP[@]}" install -qq -e '.[test]'
 
 if [ "$TORCH_REQ" = torch ] && ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
     echo "setup: warning: an NVIDIA GPU is present but the installed torch has no CUDA support" >&2

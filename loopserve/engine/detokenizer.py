@@ -39,7 +39,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True,
                  stop: Sequence[str] = ()):
         self._decode = _make_decode_fn(tokenizer, skip_special_tokens)
-        context = list(prompt_token_ids[-INITIAL_CONTEXT_TOKENS:]) if prompt_token_ids else []
+        context = [int(t) for t in prompt_token_ids[-INITIAL_CONTEXT_TOKENS:]] if len(prompt_token_ids) else []
         self._ids: list[int] = context
         self._prefix_offset = 0  # window start (into self._ids)
         self._read_offset = len(context)  # ids before this are already turned into text

@@ -20,9 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from loopserve.sampling_params import SamplingParams
+
+# top-p first looks for the nucleus among this many best tokens; rows whose nucleus is larger fall back
+# to a full-vocab sort (exact either way).
+TOP_P_CANDIDATES = 1024
 
 
 @dataclass
@@ -145,123 +150,165 @@ class Sampler:
     @staticmethod
     def _token_index(rows: list[SamplingRow], which: list[int], with_prompt: bool,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (local row, token id) index over the rows' output (and prompt) tokens."""
-        local_rows: list[int] = []
+        """Flat (position in `which`, token id) pairs over the rows' output (and prompt) tokens,
+        repeats included. Penalties touch only these entries, never a dense [rows, V] tensor."""
         tokens: list[int] = []
-        for j, i in enumerate(which):
+        lengths: list[int] = []
+        for i in which:
             row = rows[i]
-            seq = list(row.output_token_ids)
+            n = len(tokens)
             if with_prompt:
-                seq = list(row.prompt_token_ids) + seq
-            tokens.extend(seq)
-            local_rows.extend([j] * len(seq))
-        return (torch.tensor(local_rows, dtype=torch.long, device=device),
-                torch.tensor(tokens, dtype=torch.long, device=device))
+                tokens.extend(row.prompt_token_ids)
+            tokens.extend(row.output_token_ids)
+            lengths.append(len(tokens) - n)
+        local = torch.repeat_interleave(torch.arange(len(which)), torch.tensor(lengths)).to(device)
+        # numpy converts a long Python list several times faster than torch.tensor does
+        return local, torch.from_numpy(np.array(tokens, dtype=np.int64)).to(device)
 
     def _apply_repetition_penalty(self, x: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> None:
         dev = x.device
-        r, t = self._token_index(rows, which, with_prompt=True, device=dev)
-        if t.numel() == 0:
+        local, tok = self._token_index(rows, which, with_prompt=True, device=dev)
+        if tok.numel() == 0:
             return
-        idx = torch.tensor(which, device=dev)
-        sub = x.index_select(0, idx)
-        seen = torch.zeros_like(sub, dtype=torch.bool)
-        seen[r, t] = True
-        pen = torch.tensor([rows[i].params.repetition_penalty for i in which], dtype=sub.dtype,
-                           device=dev).unsqueeze(1)
-        penalised = torch.where(sub > 0, sub / pen, sub * pen)
-        x[idx] = torch.where(seen, penalised, sub)
+        # Per-row (global row index, penalty) in one transfer; penalties are exact in float64.
+        meta = torch.tensor([[i, rows[i].params.repetition_penalty] for i in which], dtype=torch.float64).to(dev)
+        row_idx = meta[:, 0].long()[local]
+        pen = meta[:, 1].to(x.dtype)[local]
+        vals = x[row_idx, tok]  # a repeated token reads the same value and writes the same result
+        x[row_idx, tok] = torch.where(vals > 0, vals / pen, vals * pen)
 
     def _apply_presence_frequency(self, x: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> None:
         dev = x.device
-        r, t = self._token_index(rows, which, with_prompt=False, device=dev)
-        idx = torch.tensor(which, device=dev)
-        sub = x.index_select(0, idx)
-        counts = torch.zeros_like(sub)
-        counts.index_put_((r, t), torch.ones(t.numel(), dtype=sub.dtype, device=dev), accumulate=True)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in which], dtype=sub.dtype,
-                            device=dev).unsqueeze(1)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in which], dtype=sub.dtype,
-                            device=dev).unsqueeze(1)
-        x[idx] = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+        vocab = x.shape[1]
+        local, tok = self._token_index(rows, which, with_prompt=False, device=dev)
+        meta = torch.tensor([[i, rows[i].params.frequency_penalty, rows[i].params.presence_penalty]
+                             for i in which], dtype=torch.float64).to(dev)
+        row_idx = meta[:, 0].long()[local]
+        # frequency: once per occurrence (equal addends, so the accumulation order cannot matter)
+        x.index_put_((row_idx, tok), -meta[:, 1].to(x.dtype)[local], accumulate=True)
+        # presence: once per distinct (row, token)
+        key = torch.unique(local * vocab + tok)
+        x.index_put_((meta[:, 0].long()[key // vocab], key % vocab), -meta[:, 2].to(x.dtype)[key // vocab],
+                     accumulate=True)
 
     # ------------------------------------------------------------------ random sampling
 
     def _sample_rows(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """x: [S, V] processed logits of the non-greedy rows (may be the caller's; not edited in place)."""
+        """x: [S, V] float32 processed logits of the non-greedy rows (may be the caller's: not edited)."""
         n, vocab = x.shape
         dev = x.device
-        temps = torch.tensor([r.params.temperature for r in rows], dtype=x.dtype, device=dev).unsqueeze(1)
-        x = x / temps  # new tensor: safe to edit in place from here on
+        params = [r.params for r in rows]
+        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        # Per-row settings go to the device in one transfer: temperature, top_k, top_p, min_p.
+        table = torch.tensor([[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, top_ks)],
+                             dtype=torch.float32).to(dev)
+        x = x / table[:, 0:1]  # a new tensor: safe to edit in place from here on
         # NaN -> never picked; +inf -> the largest float, so softmax gives it all the mass instead of NaN.
         x.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
 
-        top_ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
-        # top_p = 1 rows get a threshold above 1 so float rounding in the cumsum never drops their tail.
-        top_ps = [r.params.top_p if r.params.top_p < 1.0 else 2.0 for r in rows]
-        use_k = any(k < vocab for k in top_ks)
-        use_p = any(p < 1.0 for p in top_ps)
+        k_on = [k < vocab for k in top_ks]
+        p_on = [p.top_p < 1.0 for p in params]
+        if any(k_on) or any(p_on):
+            thr = self._top_k_top_p_threshold(x, top_ks, [p.top_p for p in params], table)
+            x.masked_fill_(x < thr, float("-inf"))
 
-        if use_p:
-            # One descending sort serves both top-k and top-p.
-            sorted_x, order = x.sort(dim=-1, descending=True, stable=True)
-            if use_k:
-                k = torch.tensor(top_ks, device=dev).unsqueeze(1)
-                kth = sorted_x.gather(1, k - 1)
-                sorted_x.masked_fill_(sorted_x < kth, float("-inf"))  # ties at the k-th value are kept
-            probs = sorted_x.softmax(dim=-1)
-            cum_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
-            p = torch.tensor(top_ps, dtype=probs.dtype, device=dev).unsqueeze(1)
-            drop = cum_before >= p
-            drop[:, 0] = False  # the best token always survives
-            sorted_x.masked_fill_(drop, float("-inf"))
-            x = torch.empty_like(x).scatter_(1, order, sorted_x)
-        elif use_k:
-            kmax = max(k for k in top_ks if k < vocab)
-            vals = x.topk(kmax, dim=-1).values
-            k = torch.tensor([min(k, kmax) for k in top_ks], device=dev).unsqueeze(1)
-            kth = vals.gather(1, k - 1)
-            off = torch.tensor([k == vocab for k in top_ks], device=dev).unsqueeze(1)
-            kth.masked_fill_(off, float("-inf"))
-            x.masked_fill_(x < kth, float("-inf"))
-
-        min_ps = [r.params.min_p for r in rows]
-        if any(mp > 0.0 for mp in min_ps):
+        if any(p.min_p > 0.0 for p in params):
             # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)   (log(0) = -inf keeps everything)
-            mp = torch.tensor(min_ps, dtype=x.dtype, device=dev).unsqueeze(1)
-            floor = x.amax(dim=-1, keepdim=True) + mp.log()
+            floor = x.amax(dim=-1, keepdim=True) + table[:, 3:4].log()
             x.masked_fill_(x < floor, float("-inf"))
 
         probs = x.softmax(dim=-1).nan_to_num_(nan=0.0)  # an all -inf row would give NaN
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws token i with probability p_i.
+        # E = -log(U), U ~ U[0, 1); a row with its own generator gets its own draw of V numbers (the same
+        # noise whatever the batch). uniform_ + log is ~5x faster than exponential_ on CPU.
         noise = torch.empty_like(probs)
-        if all(r.generator is None for r in rows):
-            noise.exponential_(generator=self.generator)
+        seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+        if not seeded:
+            noise.uniform_(generator=self.generator)
         else:
-            for i, r in enumerate(rows):
-                noise[i].exponential_(generator=r.generator if r.generator is not None else self.generator)
-        # Exp(1) can return exactly 0: keep it positive so a zero-probability token never wins via 0/0.
+            for i in seeded:
+                noise[i].uniform_(generator=rows[i].generator)
+            if len(seeded) < n:
+                shared = torch.tensor([i for i, r in enumerate(rows) if r.generator is None], device=dev)
+                noise[shared] = torch.empty(len(shared), vocab, dtype=noise.dtype, device=dev).uniform_(
+                    generator=self.generator)
+        noise.log_().neg_()
+        # -log(U) > 0 for U < 1, but keep it strictly positive anyway: a zero-probability token must never
+        # win through 0/0 = NaN (argmax treats NaN as the maximum).
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)
         return probs.div_(noise).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p_threshold(x: torch.Tensor, top_ks: list[int], top_ps: list[float],
+                               table: torch.Tensor | None = None, candidates: int | None = None) -> torch.Tensor:
+        """[n, 1] per-row logit threshold: tokens below it are cut by top-k, then by top-p on the
+        renormalised top-k distribution. Thresholds are values, so ties at the cut are all kept.
+
+        top_ks (V where off) / top_ps: host lists; table: optional [n, >=3] device tensor whose columns
+        1 and 2 hold the same top_k / top_p (saves host-to-device copies). Instead of sorting the whole
+        vocab (very slow on CPU), top-p first looks at the best TOP_P_CANDIDATES tokens; rows whose
+        nucleus is not complete within them are redone exactly over the whole vocab.
+        """
+        n, vocab = x.shape
+        dev = x.device
+        if table is None:
+            table = torch.tensor([[0.0, k, p] for k, p in zip(top_ks, top_ps)], dtype=torch.float32).to(dev)
+        k_on = [k < vocab for k in top_ks]
+        p_on = [p < 1.0 for p in top_ps]
+        k_mask = table[:, 1:2] < vocab
+        cand = min(vocab, candidates or TOP_P_CANDIDATES)
+        width = min(vocab, max(k if kon else (cand if pon else 1) for k, kon, pon in zip(top_ks, k_on, p_on)))
+        vals = x.topk(width, dim=-1).values  # best first
+        thr = torch.full((n, 1), float("-inf"), dtype=x.dtype, device=dev)
+        if any(k_on):
+            kth = vals.gather(1, (table[:, 1:2].clamp(max=width) - 1).long())
+            thr = torch.where(k_mask, kth, thr)
+        if not any(p_on):
+            return thr
+
+        vals = vals.masked_fill(vals < thr, float("-inf"))  # the top-k survivors, best first
+        log_norm = vals.logsumexp(dim=-1, keepdim=True)
+        if not all(k_on[i] for i in range(n) if p_on[i]):  # rows without top-k normalise over the whole vocab
+            log_norm = torch.where(k_mask, log_norm, x.logsumexp(dim=-1, keepdim=True))
+        probs = (vals - log_norm).exp()
+        cum_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better candidates
+        # Keep the shortest prefix whose mass reaches top_p (at least the best token).
+        n_keep = (cum_before < table[:, 2:3]).sum(dim=-1, keepdim=True).clamp_(1, width)
+        p_mask = table[:, 2:3] < 1.0
+        thr = torch.where(p_mask, torch.maximum(thr, vals.gather(1, n_keep - 1)), thr)
+
+        if width < vocab and not all(k_on[i] for i in range(n) if p_on[i]):
+            # A top-p row without top-k whose nucleus took every candidate may reach further: redo exactly.
+            open_rows = (p_mask & ~k_mask & (n_keep == width)).squeeze(1)
+            if bool(open_rows.any()):
+                idx = open_rows.nonzero().squeeze(1)
+                rows = idx.tolist()
+                thr[idx] = Sampler._top_k_top_p_threshold(
+                    x.index_select(0, idx), [top_ks[i] for i in rows], [top_ps[i] for i in rows],
+                    table.index_select(0, idx), candidates=vocab)
+        return thr
 
     # ------------------------------------------------------------------ logprobs
 
     @staticmethod
     def _with_logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor) -> list[SampledToken]:
+        """Logprobs of the RAW logits: log_softmax(x) = x - logsumexp(x), without materialising it."""
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        idx = torch.tensor(lp_rows, device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-        chosen = token_ids.index_select(0, idx).unsqueeze(1)
-        chosen_lp = lp.gather(1, chosen)
-        ranks = (lp > chosen_lp).sum(dim=-1) + 1
-        kmax = min(max(rows[i].params.logprobs for i in lp_rows), lp.shape[1])
+        idx = torch.tensor(lp_rows).to(logits.device)
+        x = logits.index_select(0, idx).float()
+        lse = x.logsumexp(dim=-1, keepdim=True)
+        chosen = x.gather(1, token_ids.index_select(0, idx).unsqueeze(1))
+        ranks = (x > chosen).sum(dim=-1) + 1  # same order as the logprobs
+        chosen_lp = (chosen - lse).squeeze(1).tolist()
+        kmax = min(max(rows[i].params.logprobs for i in lp_rows), x.shape[1])
         if kmax > 0:
-            top_vals, top_ids = lp.topk(kmax, dim=-1)
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            top_vals, top_ids = x.topk(kmax, dim=-1)
+            top_vals, top_ids = (top_vals - lse).tolist(), top_ids.tolist()
 
         out = [SampledToken(t) for t in token_ids.tolist()]
-        for j, (i, clp, rank) in enumerate(zip(lp_rows, chosen_lp.squeeze(1).tolist(), ranks.tolist())):
+        for j, (i, rank) in enumerate(zip(lp_rows, ranks.tolist())):
             k = rows[i].params.logprobs
-            out[i].logprob = clp
+            out[i].logprob = chosen_lp[j]
             out[i].rank = rank
             out[i].top_logprobs = list(zip(top_ids[j][:k], top_vals[j][:k])) if k > 0 else []
         return out

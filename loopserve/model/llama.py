@@ -1,0 +1,280 @@
+"""One plain-PyTorch decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3).
+
+Tokens are flat ([T, ...], no batch dim): many sequences share one forward, and the attention
+backend uses `ForwardBatch.meta` to tell them apart and to read/write the paged KV cache.
+Q/K/V and gate/up are fused into single matmuls (fewer kernel launches per layer); `load_weights`
+slices the separate HF tensors into them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loopserve.attention.metadata import ForwardBatch
+from loopserve.config import ModelConfig
+
+# Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
+# precomputed per-frequency divisor tensor instead of the formula's parameters).
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32 and cast back before the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (fp32, CPU) for the configured rope variant."""
+    # Explicit CPU: a surrounding `with torch.device(...)` must not move this small computation.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        # Linear interpolation: positions divided by the factor, i.e. frequencies divided by it.
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type == "freq_factors":
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
+        if factors.numel() != inv_freq.numel():
+            raise ValueError(f"rope freq_factors has {factors.numel()} entries, expected {inv_freq.numel()}")
+        return inv_freq / factors
+    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES[:3])}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths are slowed by `factor`, short ones kept, and the band in
+    between interpolated smoothly (by how many wavelengths fit in the original context)."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox/HF ("rotate_half") rotary embedding with a cos/sin table indexed by position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.theta = theta
+        self.scaling = scaling
+        rope_inv_freq(head_dim, theta, scaling)  # fail fast on an unsupported rope type, even on meta
+        self.register_buffer("cos_sin_cache", self._build(), persistent=False)
+
+    def _build(self) -> torch.Tensor:
+        # Built on the CPU in fp32 (deterministic, matches transformers), then moved: [P, head_dim].
+        device = torch.get_default_device()  # honours a surrounding `with torch.device(...)`
+        if device.type == "meta":
+            return torch.empty(self.max_positions, self.head_dim, device="meta")
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, inv_freq)
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+    def reset_cache(self, device: torch.device | str) -> None:
+        """Recompute the table (after `to_empty` materialized a meta-built model)."""
+        with torch.device(device):
+            self.cos_sin_cache = self._build()
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the given positions, each [T, 1, head_dim // 2] in `dtype`."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D]; equals x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.attention_bias, dtype=dtype)
+        # Qwen2's biases are on q/k/v only; Llama/Qwen3's `attention_bias` also covers o_proj.
+        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = batch.backend.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, dtype)
+        self.mlp = MLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+# HF per-projection names -> (our fused param, shard index within it).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, dtype)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """input_ids, positions: [T]; returns final-normed hidden states [T, hidden]."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)   # shared by every layer
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, batch)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        c = self.config
+        if fused == "qkv_proj":
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]
+
+    def _target(self, name: str) -> tuple[str, int | None]:
+        """HF tensor name -> (our parameter name, shard index or None when not fused)."""
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in _FUSED and i + 1 < len(parts):
+                fused, shard = _FUSED[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+        return name, None
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in (cast to our dtype/device); raise on unknown or missing ones."""
+        params = dict(self.named_parameters())
+        expected: set[tuple[str, int | None]] = set()
+        for pname in params:
+            fused = pname.split(".")[-2]
+            if fused in ("qkv_proj", "gate_up_proj"):
+                expected.update((pname, s) for s in range(len(self._shard_sizes(fused))))
+            else:
+                expected.add((pname, None))
+
+        loaded: set[tuple[str, int | None]] = set()
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a derived buffer some old checkpoints saved
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied checkpoints sometimes store a copy of the embedding
+            pname, shard = self._target(name)
+            if pname not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture} "
+                                 f"(is the config right? attention_bias={self.config.attention_bias}, "
+                                 f"qk_norm={self.config.qk_norm}, tie={self.config.tie_word_embeddings})")
+            dst = params[pname].data
+            if shard is not None:
+                sizes = self._shard_sizes(pname.split(".")[-2])
+                dst = dst.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if tuple(tensor.shape) != tuple(dst.shape):
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add((pname, shard))
+
+        missing = expected - loaded
+        if missing:
+            names = sorted(p if s is None else f"{p}[shard {s}]" for p, s in missing)
+            more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+            raise ValueError(f"checkpoint is missing {len(names)} weights: {', '.join(names[:10])}{more}")
+
+    @torch.no_grad()
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights for benchmarking without a checkpoint: N(0, 0.02), norms one, biases zero.
+
+        Draws on the parameters' own device so an 8B model never round-trips through the CPU.
+        """
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)

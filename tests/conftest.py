@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-weight models saved as HF folders with a locally trained tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "def add(a, b):\n    return a + b\n",
+    '{"name": "loopserve", "tools": ["search", "read_file"], "ok": true}',
+    "Agents make many sequential calls over long shared prompts.",
+    "héllo wörld — ünïcode ✓ 日本語 🙂",
+] * 20
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of `arch` (llama | mistral | qwen2 | qwen3) with a tokenizer into out_dir."""
+    import transformers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    common = dict(vocab_size=max(384, len(tok)), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  # Large init so logits are peaked: greedy tests must not hinge on near-ties.
+                  initializer_range=0.3, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                  tie_word_embeddings=False)
+    common.update(overrides)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    if arch == "qwen3":
+        common.setdefault("head_dim", 16)
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**common)).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from loopserve.fetch import ensure_model
+    return ensure_model("smollm2")

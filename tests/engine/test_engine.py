@@ -1,0 +1,175 @@
+"""End-to-end engine behaviour on a tiny random Llama: batching, chunking, caching, preemption, sampling."""
+import random
+
+import pytest
+
+from loopserve import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(n, seed=0, lo=3, hi=40):
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, 300) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+
+
+def texts_and_ids(outputs):
+    return [(o.outputs[0].token_ids, o.outputs[0].text) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """Each prompt's greedy output computed alone, one request at a time."""
+    from loopserve import LLM
+    llm = LLM(str(tiny_llama), num_kv_blocks=256, block_size=4, enable_prefix_caching=False)
+    return {i: llm.generate(p, GREEDY)[0].outputs[0].token_ids for i, p in enumerate(prompts(32))}
+
+
+def test_batch_of_32_with_staggered_arrivals_matches_alone(make_llm, reference):
+    llm = make_llm()
+    ps = prompts(32)
+    # Staggered: add a few requests, step, add more, through the engine loop the LLM uses.
+    engine, proc = llm.engine, llm._processor
+    pending = list(enumerate(ps))
+    done = {}
+    rng = random.Random(1)
+    while pending or engine.has_unfinished():
+        for _ in range(rng.randint(0, 4)):
+            if pending:
+                i, p = pending.pop(0)
+                llm._add(p, GREEDY)
+        for result, _ in llm._step().updated:
+            if result.finished:
+                done[int(result.request_id)] = result.outputs[0].token_ids
+    assert len(done) == 32
+    assert all(done[i] == reference[i] for i in range(32))
+
+
+def test_one_generate_call_batches_everything(make_llm, reference):
+    llm = make_llm()
+    outs = llm.generate(prompts(32), GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in range(32)]
+    assert all(len(o.outputs[0].token_ids) == 12 and o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_chunked_prefill_with_tiny_budget_matches(make_llm, reference):
+    llm = make_llm(max_num_batched_tokens=5, long_prefill_token_threshold=3)
+    outs = llm.generate(prompts(8), GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in range(8)]
+
+
+def test_prefix_cache_hit_gives_same_output(make_llm, reference):
+    llm = make_llm()
+    p = prompts(1, lo=30, hi=30)[0]
+    first = llm.generate(p, GREEDY)[0]
+    second = llm.generate(p, GREEDY)[0]
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 28
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    # Extension of the previous turn: prompt + output + new tokens hits prompt and generated blocks.
+    ext = {"prompt_token_ids": p["prompt_token_ids"] + first.outputs[0].token_ids + [5, 6, 7]}
+    third = llm.generate(ext, GREEDY)[0]
+    assert third.num_cached_tokens >= 36
+    fresh = make_llm(enable_prefix_caching=False).generate(ext, GREEDY)[0]
+    assert third.outputs[0].token_ids == fresh.outputs[0].token_ids
+    stats = llm.stats()
+    assert stats.prefix_hit_tokens == 28 + third.num_cached_tokens
+
+
+def test_preemption_recomputes_and_matches(make_llm, reference):
+    # 24 blocks x 4 tokens: 16 sequences of up to 52 tokens cannot all fit, so some get preempted.
+    llm = make_llm(num_kv_blocks=24, max_num_seqs=16)
+    outs = llm.generate(prompts(16), GREEDY)
+    assert llm.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [reference[i] for i in range(16)]
+
+
+def test_n_samples_share_prompt_blocks_and_differ(make_llm):
+    llm = make_llm()
+    p = prompts(1, lo=20, hi=20)[0]
+    out = llm.generate(p, SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert all(len(o.token_ids) == 8 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    # Samples 1..3 waited for sample 0's prefill and hit its 4 full prompt blocks.
+    assert out.num_cached_tokens == 16
+    assert llm.stats().prefix_hit_tokens == 3 * 16
+
+
+def test_seeded_sampling_reproducible_whatever_the_batch(make_llm):
+    llm = make_llm()
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=10, seed=1234, ignore_eos=True)
+    p = prompts(1, seed=5)[0]
+    alone = llm.generate(p, params)[0].outputs[0].token_ids
+    noisy = [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)] * 5
+    mixed = llm.generate(prompts(5, seed=9) + [p], noisy + [params])
+    assert mixed[-1].outputs[0].token_ids == alone
+    assert make_llm().generate(p, params)[0].outputs[0].token_ids == alone
+
+
+def test_stop_strings_and_stop_tokens(make_llm):
+    llm = make_llm()
+    p = prompts(1, seed=2)[0]
+    free = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    cut = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == free.text[:free.text.index(stop)]
+    tok = free.token_ids[4]
+    by_id = llm.generate(p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[tok]))
+    o = by_id[0].outputs[0]
+    assert o.finish_reason == "stop" and o.stop_reason == tok
+    assert o.token_ids == free.token_ids[:free.token_ids.index(tok) + 1]
+
+
+def test_eos_min_tokens_and_max_tokens(make_llm):
+    llm = make_llm()
+    eos = llm.engine.eos_token_ids[0]
+    p = prompts(1, seed=3)[0]
+    free = llm.generate(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 6
+    # Force EOS with a huge logit bias substitute: a stop-token id equal to EOS ends like EOS.
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[free.token_ids[1]]))[0]
+    assert out.outputs[0].finish_reason == "stop"
+    minned = llm.generate(p, SamplingParams(temperature=0, max_tokens=6, min_tokens=6,
+                                            stop_token_ids=[free.token_ids[1]]))[0].outputs[0]
+    assert len(minned.token_ids) == 6 and eos not in minned.token_ids[:5]
+
+
+def test_logprobs(make_llm):
+    llm = make_llm()
+    out = llm.generate(prompts(1)[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))
+    o = out[0].outputs[0]
+    assert len(o.logprobs) == 4
+    for tok, entry in zip(o.token_ids, o.logprobs):
+        assert tok in entry and entry[tok].rank == 1  # greedy picks the top token
+        assert len(entry) == 3
+        assert all(lp.logprob <= 0 for lp in entry.values())
+    assert o.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(o.token_ids, o.logprobs)))
+
+
+def test_bad_input_fails_fast_without_leaks(make_llm):
+    llm = make_llm(max_model_len=64)
+    with pytest.raises(ValueError, match="64 tokens.*|.*64"):
+        llm.generate({"prompt_token_ids": list(range(3, 80))}, GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [1, 10**6]}, GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    # A failing prompt in a batch aborts the ones already added.
+    with pytest.raises(ValueError):
+        llm.generate([prompts(1)[0], {"prompt_token_ids": list(range(3, 80))}], GREEDY)
+    assert llm.generate(prompts(1)[0], GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def test_string_prompts_and_chat(make_llm):
+    llm = make_llm()
+    out = llm.generate(["The quick brown fox", "def add(a, b):"], SamplingParams(temperature=0, max_tokens=5))
+    assert len(out) == 2 and all(o.prompt for o in out)
+    chat = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(temperature=0, max_tokens=5))
+    assert chat[0].prompt.endswith("<|im_start|>assistant\n")
+    streamed = "".join(llm.chat_stream([{"role": "user", "content": "hello"}],
+                                       SamplingParams(temperature=0, max_tokens=5)))
+    assert streamed == chat[0].outputs[0].text
