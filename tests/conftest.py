@@ -70,3 +70,15 @@ def tiny_llama(tmp_path_factory) -> Path:
 def smollm2_gguf() -> Path:
     from loopserve.fetch import ensure_model
     return ensure_model("smollm2")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for engine tests (bench/gpu_check.sh passes cuda)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    dev = request.config.getoption("--device")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no GPU is available")
+    return dev

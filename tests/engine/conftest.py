@@ -2,7 +2,7 @@ import pytest
 
 
 @pytest.fixture
-def make_llm(tiny_llama):
+def make_llm(tiny_llama, device):
     """Build LLMs over the tiny model; after the test every one must have its whole block pool back."""
     from loopserve import LLM
 
@@ -11,6 +11,8 @@ def make_llm(tiny_llama):
     def factory(**kw):
         kw.setdefault("num_kv_blocks", 256)
         kw.setdefault("block_size", 4)
+        kw.setdefault("device", device)
+        kw.setdefault("dtype", "fp32")
         llm = LLM(str(kw.pop("model", tiny_llama)), **kw)
         made.append(llm)
         return llm

@@ -18,10 +18,11 @@ def texts_and_ids(outputs):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llama):
+def reference(tiny_llama, device):
     """Each prompt's greedy output computed alone, one request at a time."""
     from loopserve import LLM
-    llm = LLM(str(tiny_llama), num_kv_blocks=256, block_size=4, enable_prefix_caching=False)
+    llm = LLM(str(tiny_llama), num_kv_blocks=256, block_size=4, enable_prefix_caching=False, device=device,
+              dtype="fp32")
     return {i: llm.generate(p, GREEDY)[0].outputs[0].token_ids for i, p in enumerate(prompts(32))}
 
 

@@ -401,25 +401,24 @@ def test_smollm2_tokenizer_splits_digits(smollm2_tokenizer):
                                                               tokenize=False, add_generation_prompt=True)
 
 
-@pytest.mark.slow   # ~50 s on 2 CPU cores: two loads of a 135M model and 16 full forwards
+@pytest.mark.slow   # ~30 s on 2 CPU cores: two loads of a 135M model
 def test_smollm2_greedy_matches_transformers(smollm2_path, smollm2_tokenizer):
+    """The real GGUF through loopserve's whole engine gives transformers' greedy text."""
+    from loopserve import LLM, SamplingParams
+
     tok = smollm2_tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      tokenize=False, add_generation_prompt=True)
     ids = torch.tensor(tok.encode(prompt, add_special_tokens=False))
     n_new = 16
 
-    ours, cfg = load_model(smollm2_path)
+    llm = LLM(str(smollm2_path))
+    cfg = llm.engine.model_config
     assert cfg.architecture == "LlamaForCausalLM" and cfg.tie_word_embeddings and cfg.num_layers == 30
-    seq = ids
-    for _ in range(n_new):   # full re-prefill each step: independent of any engine code
-        pager = PagedSequence(ours, max_len=len(seq))
-        batch = ForwardBatch(pager.meta(len(seq)), pager.caches, pager.backend)
-        with torch.no_grad():
-            hidden = ours(seq, torch.arange(len(seq)), batch)
-            next_id = ours.compute_logits(hidden[-1:])[0].argmax()
-        seq = torch.cat([seq, next_id.view(1)])
-    ours_new = seq[len(ids):].tolist()
+    out = llm.generate({"prompt_token_ids": ids.tolist()},
+                       SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0].outputs[0]
+    ours_new = out.token_ids
+    ours = llm.engine.model
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
@@ -429,3 +428,4 @@ def test_smollm2_greedy_matches_transformers(smollm2_path, smollm2_tokenizer):
         ref_logits = hf(ids[None]).logits[0]
     torch.testing.assert_close(full_prefill_logits(ours, ids), ref_logits, atol=1e-3, rtol=0)
     assert ours_new == ref[0, len(ids):].tolist(), (tok.decode(ours_new), tok.decode(ref[0, len(ids):]))
+    assert out.text == tok.decode(ref[0, len(ids):], skip_special_tokens=True)

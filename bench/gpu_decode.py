@@ -1,0 +1,167 @@
+"""GPU decode benchmark on dummy weights: the weight-streaming floor, loopserve's engine, transformers.
+
+  python -m bench.gpu_decode floor --config bench/configs/llama-3.1-8b.json
+  python -m bench.gpu_decode engine --config bench/configs/llama-3.1-8b.json
+  python -m bench.gpu_decode hf --config bench/configs/llama-3.1-8b.json
+
+Each mode prints one JSON line (and appends it to --out when given), so bench/gpu_check.sh can run
+them as separate processes that do not share GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.model import load_model_config
+
+
+def linear_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of every matmul weight a decode step reads, lm_head included."""
+    q = cfg.num_heads * cfg.head_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = [(q + 2 * kv, cfg.hidden_size), (cfg.hidden_size, q),
+                 (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size)]
+    return per_layer * cfg.num_layers + [(cfg.vocab_size, cfg.hidden_size)]
+
+
+def time_graph(fn, iters: int = 50) -> float:
+    """Median ms of one replay of fn captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def floor(cfg, batch: int) -> dict:
+    dtype = torch.bfloat16
+    weights = [torch.randn(o, i, device="cuda", dtype=dtype) * 0.02 for o, i in linear_shapes(cfg)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    x_in = {i: torch.randn(batch, i, device="cuda", dtype=dtype) for _, i in linear_shapes(cfg)}
+
+    def step():
+        for w in weights:
+            torch.matmul(x_in[w.shape[1]], w.t())
+
+    ms = time_graph(step)
+    return {"mode": "floor", "batch": batch, "ms_per_step": ms, "weight_gb": nbytes / 1e9,
+            "achieved_gb_s": nbytes / 1e9 / (ms / 1e3), "tok_s": batch * 1e3 / ms}
+
+
+def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str) -> dict:
+    from loopserve.engine.core import EngineCore, EngineRequest
+    from loopserve.sampling_params import SamplingParams
+
+    core = EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
+                                   max_model_len=16384,
+                                   cache=CacheConfig(kv_cache_bytes=8 << 30),
+                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192,
+                                                             long_prefill_token_threshold=8192)))
+    vocab = cfg.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return torch.randint(100, vocab - 1, (n,), generator=gen).tolist()
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def run(rid, ids, max_tokens):
+        sync()
+        t0 = time.perf_counter()
+        core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                ignore_eos=True)))
+        first, n = None, 0
+        while core.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in core.step())
+            if first is None and n:
+                first = time.perf_counter()
+        sync()
+        end = time.perf_counter()
+        return first - t0, (n - 1) / (end - first) if n > 1 else None
+
+    run("warm", prompt(64), 8)
+    ttft, tok_s = run("b1", prompt(prompt_len), out_len)
+    long_prompt = prompt(long_len)
+    cold_ttft, _ = run("cold8k", long_prompt, 1)
+    cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    return {"mode": "engine", "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
+            "achieved_gb_s": weight_bytes / 1e9 * tok_s, "long_prompt_len": long_len, "ttft_long_cold_s": cold_ttft,
+            "ttft_long_cached_plus_256_s": cached_ttft, "prefix_hit_tokens": core.kv.stats.hit_tokens}
+
+
+def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(100, config.vocab_size - 1, (1, prompt_len), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=out_len, min_new_tokens=out_len, **kw)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    return {"mode": "hf", "decode_tok_s": (out_len - 1) / ((t2 - t1) - (t1 - t0)), "ttft_s": t1 - t0}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["floor", "engine", "hf"])
+    ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--long-prompt-len", type=int, default=8192)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(args.config, folder / "config.json")
+    cfg = load_model_config(folder, "dummy")
+    if args.mode == "floor":
+        res = floor(cfg, args.batch)
+    elif args.mode == "engine":
+        res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device)
+    else:
+        res = hf(folder, args.prompt_len, args.output_len)
+    res.update(config=args.config.name,
+               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu")
+    line = json.dumps(res)
+    print(line, flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
