@@ -74,7 +74,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     from loopserve.sampling_params import SamplingParams
 
     core = EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
-                                   max_model_len=16384,
+                                   max_model_len=min(cfg.max_position_embeddings, 16384),
                                    cache=CacheConfig(kv_cache_bytes=8 << 30),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8192,
                                                              long_prefill_token_threshold=8192)))
@@ -104,6 +104,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
     run("warm", prompt(64), 8)
     ttft, tok_s = run("b1", prompt(prompt_len), out_len)
+    long_len = min(long_len, core.max_model_len - 257)
     long_prompt = prompt(long_len)
     cold_ttft, _ = run("cold8k", long_prompt, 1)
     cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)

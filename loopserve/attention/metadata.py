@@ -1,7 +1,7 @@
 """What one forward pass tells every attention layer about the batch and the paged cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor          # [B, max_blocks] long, padded with 0
     decode_indices: list[int]           # sequences with exactly one new token (batched together)
     prefill_indices: list[int]          # sequences with several new tokens
+    # Tensors a backend derives from the fields above on the first layer and reuses on the others.
+    derived: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -25,6 +25,21 @@ class TorchPagedAttention:
         # [n_blocks, bs, h, d] -> [length, h, d]
         return pool.index_select(0, block_ids).flatten(0, 1)[:length]
 
+    @staticmethod
+    def _decode_inputs(meta: AttentionMetadata, bs: int, device: torch.device):
+        """Block tables, query rows and padding mask of the batch's decodes, built once per step."""
+        got = meta.derived.get("decode")
+        if got is None:
+            idx = meta.decode_indices
+            lens = [meta.seq_lens[i] for i in idx]
+            max_len = max(lens)
+            tables = meta.block_tables[idx, :(max_len + bs - 1) // bs]
+            rows = torch.tensor([meta.query_start_loc[i] for i in idx], device=device)
+            lens_t = torch.tensor(lens, device=device)
+            mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+            got = meta.derived["decode"] = (tables, rows, mask, max_len)
+        return got
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
@@ -36,17 +51,10 @@ class TorchPagedAttention:
         qsl, lens = meta.query_start_loc, meta.seq_lens
 
         if meta.decode_indices:
-            idx = meta.decode_indices
-            max_len = max(lens[i] for i in idx)
-            nblk = (max_len + bs - 1) // bs
-            tables = meta.block_tables[idx, :nblk]                          # [B, nblk]
+            tables, rows, mask, max_len = self._decode_inputs(meta, bs, query.device)
             k = cache.key[tables].flatten(1, 2)[:, :max_len]                # [B, L, Hkv, D]
             v = cache.value[tables].flatten(1, 2)[:, :max_len]
-            rows = torch.tensor([qsl[i] for i in idx], device=query.device)
             q = query.index_select(0, rows).unsqueeze(2)                     # [B, Hq, 1, D]
-            seq_len_t = torch.tensor([lens[i] for i in idx], device=query.device)
-            valid = torch.arange(max_len, device=query.device)[None, :] < seq_len_t[:, None]
-            mask = valid[:, None, None, :]                                   # [B, 1, 1, L]
             o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                                scale=scale, enable_gqa=gqa)
             out.index_copy_(0, rows, o.squeeze(2).to(out.dtype))
@@ -62,8 +70,12 @@ class TorchPagedAttention:
             if n_new == total:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                q_pos = torch.arange(total - n_new, total, device=query.device)
-                mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+                mask = meta.derived.get(("prefill_mask", i))
+                if mask is None:
+                    # Causal with an offset: new token j sits at position total - n_new + j.
+                    q_pos = torch.arange(total - n_new, total, device=query.device)
+                    mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+                    meta.derived[("prefill_mask", i)] = mask
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
             out[start:end] = o.transpose(0, 1).to(out.dtype)
         return out

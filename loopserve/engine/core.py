@@ -80,8 +80,11 @@ class EngineCore:
         cache = config.cache
         num_blocks = _num_kv_blocks(cache, self.model_config, self.dtype, self.device)
         capacity = num_blocks * cache.block_size
-        wanted = config.max_model_len or min(self.model_config.max_position_embeddings,
-                                             config.scheduler.max_model_len)
+        max_pos = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > max_pos:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {max_pos}")
+        wanted = config.max_model_len or min(max_pos, config.scheduler.max_model_len)
         if wanted > capacity:
             log.warning("max_model_len %d exceeds the KV cache (%d tokens); capping it", wanted, capacity)
         self.max_model_len = min(wanted, capacity)

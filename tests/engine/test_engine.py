@@ -174,3 +174,9 @@ def test_string_prompts_and_chat(make_llm):
     streamed = "".join(llm.chat_stream([{"role": "user", "content": "hello"}],
                                        SamplingParams(temperature=0, max_tokens=5)))
     assert streamed == chat[0].outputs[0].text
+
+
+def test_max_model_len_beyond_positions_is_refused(tiny_llama):
+    from loopserve import LLM
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(str(tiny_llama), max_model_len=4096, num_kv_blocks=2048, block_size=4)
