@@ -101,3 +101,20 @@ class EngineConfig:
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_WAITING_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    served_model_name: str | None = None  # defaults to the --model argument
+    # Admission: requests beyond max_num_seqs running + this many waiting get 429 with Retry-After.
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    # SIGTERM: stop accepting, let in-flight requests finish for at most this long, then exit.
+    drain_timeout_s: float = 30.0

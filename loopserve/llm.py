@@ -82,7 +82,7 @@ class LLM:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def _add(self, prompt: PromptType, params: SamplingParams) -> list[str]:
+    def _add(self, prompt: PromptType, params: SamplingParams) -> str:
         text, ids = self._tokenize(prompt)
         request_id = str(next(self._ids))
         engine_ids = self._processor.add(request_id, text, ids, params)
@@ -95,9 +95,9 @@ class LLM:
                 added.append(rid)
         except Exception:
             self.engine.abort(added)
-            self._processor.discard(engine_ids)
+            self._processor.discard(request_id)
             raise
-        return engine_ids
+        return request_id
 
     def _step(self):
         step = self._processor.process(self.engine.step())
@@ -105,9 +105,9 @@ class LLM:
             self.engine.finish([rid], RequestStatus.FINISHED_STOPPED, stop)
         return step
 
-    def _abort_all(self, engine_ids: list[str]) -> None:
-        self.engine.abort(engine_ids)
-        self._processor.discard(engine_ids)
+    def _abort_all(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.engine.abort(self._processor.discard(rid))
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -120,16 +120,16 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
-        all_ids: list[str] = []
+        request_ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
             for prompt, params in zip(prompts, sampling_params):
-                all_ids.extend(self._add(prompt, params))
+                request_ids.append(self._add(prompt, params))
             while self.engine.has_unfinished():
-                for result, _ in self._step().updated:
-                    results[result.request_id] = result
+                for update in self._step().updates:
+                    results[update.output.request_id] = update.output
         except BaseException:
-            self._abort_all(all_ids)
+            self._abort_all(request_ids)
             raise
         return sorted(results.values(), key=lambda r: int(r.request_id))
 
@@ -144,12 +144,12 @@ class LLM:
     def chat_stream(self, messages: Conversation, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the reply's text deltas as they are decoded (n is forced to 1)."""
         params = replace(sampling_params or SamplingParams(), n=1)
-        ids = self._add(self._chat_prompt(messages), params)
+        request_id = self._add(self._chat_prompt(messages), params)
         try:
             while self.engine.has_unfinished():
-                for result, deltas in self._step().updated:
-                    for _, delta in deltas:
-                        if delta:
-                            yield delta
+                for update in self._step().updates:
+                    for delta in update.deltas:
+                        if delta.text:
+                            yield delta.text
         finally:
-            self._abort_all(ids)
+            self._abort_all([request_id])

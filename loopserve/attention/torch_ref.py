@@ -40,6 +40,19 @@ class TorchPagedAttention:
             got = meta.derived["decode"] = (tables, rows, mask, max_len)
         return got
 
+    @staticmethod
+    def _prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+        """q [Hq, n, D], k/v [Hkv, L, D]; causal when mask is None."""
+        group = q.shape[0] // k.shape[0]
+        if group > 1 and q.device.type == "cpu":
+            # PyTorch's CPU flash kernel has no GQA path (enable_gqa falls back to the ~4x slower
+            # math kernel), so repeating K/V heads is cheaper than the fallback.
+            k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                           scale=scale, enable_gqa=k.shape[0] != q.shape[0])
+        return o[0]
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
@@ -62,20 +75,22 @@ class TorchPagedAttention:
         for i in meta.prefill_indices:
             start, end = qsl[i], qsl[i + 1]
             n_new, total = end - start, lens[i]
-            nblk = (total + bs - 1) // bs
-            block_ids = meta.block_tables[i, :nblk]
-            k = self._gather(cache.key, block_ids, total).transpose(0, 1)   # [Hkv, L, D]
-            v = self._gather(cache.value, block_ids, total).transpose(0, 1)
             q = query[start:end].transpose(0, 1)                             # [Hq, n, D]
             if n_new == total:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+                # Nothing cached before this chunk: the new keys are the whole context, no gather needed.
+                k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
+                o = self._prefill_sdpa(q, k, v, None, scale)
             else:
+                nblk = (total + bs - 1) // bs
+                block_ids = meta.block_tables[i, :nblk]
+                k = self._gather(cache.key, block_ids, total).transpose(0, 1)   # [Hkv, L, D]
+                v = self._gather(cache.value, block_ids, total).transpose(0, 1)
                 mask = meta.derived.get(("prefill_mask", i))
                 if mask is None:
                     # Causal with an offset: new token j sits at position total - n_new + j.
                     q_pos = torch.arange(total - n_new, total, device=query.device)
                     mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
                     meta.derived[("prefill_mask", i)] = mask
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                o = self._prefill_sdpa(q, k, v, mask, scale)
             out[start:end] = o.transpose(0, 1).to(out.dtype)
         return out

@@ -38,6 +38,7 @@ class EngineOutput:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling; on the first output only
 
 
 @dataclass
@@ -50,6 +51,7 @@ class EngineStats:
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     num_preemptions: int
+    prefix_cached_tokens: int  # tokens held in blocks that later requests can hit
 
 
 def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -150,11 +152,12 @@ class EngineCore:
         now = time.monotonic()
         for rid, tok in result.sampled.items():
             req = self.requests[rid]
-            if req.timings.first_token is None:
-                req.timings.first_token = now
             out = EngineOutput(rid, [tok.token_id], [tok] if req.params.logprobs is not None else None,
                                num_prompt_tokens=req.num_prompt_tokens,
                                num_cached_tokens=max(req.num_cached_tokens, 0))
+            if req.timings.first_token is None:
+                req.timings.first_token = now
+                out.queue_time = req.timings.first_scheduled - req.timings.arrival
             if rid in finished:
                 out.finish_reason = req.status.value
                 out.stop_reason = req.stop_reason
@@ -166,4 +169,4 @@ class EngineCore:
         s = self.kv.stats
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage(),
                            self.kv.num_blocks, self.kv.num_free_blocks, s.queried_tokens, s.hit_tokens,
-                           self.scheduler.num_preemptions)
+                           self.scheduler.num_preemptions, self.kv.pool.num_cached_blocks * self.kv.block_size)

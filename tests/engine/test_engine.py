@@ -39,9 +39,9 @@ def test_batch_of_32_with_staggered_arrivals_matches_alone(make_llm, reference):
             if pending:
                 i, p = pending.pop(0)
                 llm._add(p, GREEDY)
-        for result, _ in llm._step().updated:
-            if result.finished:
-                done[int(result.request_id)] = result.outputs[0].token_ids
+        for update in llm._step().updates:
+            if update.output.finished:
+                done[int(update.output.request_id)] = update.output.outputs[0].token_ids
     assert len(done) == 32
     assert all(done[i] == reference[i] for i in range(32))
 

@@ -1,0 +1,83 @@
+"""The engine core's own process: receive requests, step while there is work, send outputs.
+
+It never waits on HTTP: inputs are drained without blocking whenever requests are running, and
+outputs are pushed (not requested). When idle it blocks on its input socket.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import traceback
+
+import zmq
+
+from loopserve.config import EngineConfig
+from loopserve.engine.messages import (AbortRequests, AddRequests, EngineDead, EngineReady, EngineStep,
+                                       RequestFailed, Shutdown, StopRequests)
+from loopserve.engine.request import RequestStatus
+
+IDLE_POLL_MS = 200
+
+log = logging.getLogger(__name__)
+
+
+def run_engine(config: EngineConfig, input_addr: str, output_addr: str, log_level: int = logging.INFO) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s engine %(levelname)s %(message)s")
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+
+    def send(msg) -> None:
+        outbox.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    try:
+        from loopserve.engine.core import EngineCore
+        core = EngineCore(config)
+    except Exception as e:  # noqa: BLE001 - reported to the API process, which exits with it
+        send(EngineDead(f"engine failed to start: {e}"))
+        return
+    send(EngineReady(str(core.model_path), core.model_config, core.max_model_len, core.kv.num_blocks,
+                     core.kv.block_size, str(core.dtype).removeprefix("torch."), str(core.device)))
+    try:
+        _loop(core, inbox, send)
+    except Exception:  # noqa: BLE001
+        send(EngineDead("engine crashed:\n" + traceback.format_exc()))
+    finally:
+        inbox.close(0)
+        outbox.close(0)
+        ctx.term()
+
+
+def _loop(core, inbox, send) -> None:
+    stats_dirty = True
+    while True:
+        timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
+        while inbox.poll(timeout):
+            timeout = 0
+            msg = pickle.loads(inbox.recv())
+            stats_dirty = True
+            if isinstance(msg, Shutdown):
+                return
+            if isinstance(msg, AddRequests):
+                added = []
+                try:
+                    for er in msg.requests:
+                        core.add_request(er)
+                        added.append(er.request_id)
+                except ValueError as e:
+                    core.abort(added)
+                    send(RequestFailed(msg.requests[0].request_id, str(e)))
+            elif isinstance(msg, AbortRequests):
+                core.abort(msg.request_ids)
+            elif isinstance(msg, StopRequests):
+                for rid, reason in zip(msg.request_ids, msg.stop_reasons):
+                    core.finish([rid], RequestStatus.FINISHED_STOPPED, reason)
+        if core.has_unfinished():
+            send(EngineStep(core.step(), core.stats()))
+            stats_dirty = True
+        elif stats_dirty:
+            # Idle: one last snapshot so gauges (running, KV usage) settle at their idle values.
+            send(EngineStep([], core.stats()))
+            stats_dirty = False
