@@ -1,4 +1,4 @@
-"""`loopserve` command line: fetch models, generate completions, chat in the terminal."""
+"""`loopserve` command line: fetch models, generate completions, chat in the terminal, serve over HTTP."""
 from __future__ import annotations
 
 import argparse
@@ -205,6 +205,86 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_bytes(text: str) -> int:
+    """'1073741824', '512M', '2G', '1.5GiB' -> bytes."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(t[-1:], 1)
+    if scale != 1:
+        t = t[:-1]
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1073741824, 512M, 2G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    import os
+
+    from loopserve.config import (DEFAULT_BLOCK_SIZE, DEFAULT_HOST, DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                                  DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_PORT, ServerConfig)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: the --model value)")
+    p.add_argument("--api-key", default=os.environ.get("LOOPSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                        "(default: $LOOPSERVE_API_KEY, else no auth)")
+    p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+                   help=f"most requests running at once (default: {DEFAULT_MAX_NUM_SEQS})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                   help=f"token budget of one engine step (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context window in tokens (default: the model's, capped by the KV cache)")
+    p.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None,
+                   help="KV-cache pool size, e.g. 2G (default: 1 GiB on CPU, a share of free memory on GPU)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"tokens per KV-cache block (default: {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                   help="requests allowed to wait beyond --max-num-seqs before new ones get 429 "
+                        f"(default: {DEFAULT_MAX_WAITING_REQUESTS})")
+    p.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s,
+                   help="on SIGTERM, seconds in-flight requests get to finish "
+                        f"(default: {ServerConfig.drain_timeout_s:g})")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+    from loopserve.fetch import resolve_model
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UsageError("--max-model-len must be >= 2")
+    if args.max_waiting_requests < 0:
+        raise UsageError("--max-waiting-requests must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be in [0, 65535]")
+    try:
+        path = resolve_model(args.model, models_dir=args.models_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    engine_config = EngineConfig(
+        model=path, dtype=args.dtype,
+        device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs))
+    server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                                 served_model_name=args.served_model_name or args.model,
+                                 max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout)
+    from loopserve.server.launcher import run_server
+    return run_server(engine_config, server_config, log_level=args.log_level, access_log=not args.no_access_log)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,8 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)
 
-    # `serve` (OpenAI-compatible HTTP server) and `bench` subcommands get registered here
-    # once they exist.
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (with a web playground)", description=(
+        "Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "/v1/models), with /health, /metrics, /tokenize, /detokenize and a web playground at /."))
+    _add_model_args(p)
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    # The `bench` subcommand gets registered here once it exists.
     return parser
 
 

@@ -31,6 +31,31 @@ else
     TORCH_REQ=torch==2.13.0
 fi
 
+# Headless Chromium for tests/e2e/test_playground.py (which skips, saying why, without it): installed
+# with apt when missing, only as root on Debian; elsewhere a note says how.
+ensure_browser() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    local os_id=""
+    [ -r /etc/os-release ] && os_id="$(. /etc/os-release && echo "${ID:-}")"
+    if [ "$os_id" != debian ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: note: chromium/chromedriver not found; the browser test will be skipped" \
+             "(on Debian, as root: apt-get install chromium chromium-driver)"
+        return 0
+    fi
+    echo "setup: installing chromium and chromium-driver (apt)"
+    local log
+    log="$(mktemp)"
+    if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium chromium-driver) >"$log" 2>&1; then
+        rm -f "$log"
+    else
+        echo "setup: warning: apt-get could not install chromium (log: $log); the browser test will be skipped" >&2
+    fi
+}
+ensure_browser
+
 want="$(cat pyproject.toml; echo "$TORCH_REQ $PWD")"
 want="$(printf '%s' "$want" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/loopserve" ] \

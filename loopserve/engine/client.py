@@ -166,12 +166,14 @@ class AsyncEngineClient:
                 item = await state.queue.get()
                 if isinstance(item, Exception):
                     raise item
-                finished = item.output.finished
-                yield item
+                update, finished = item
+                yield update
                 if finished:
                     return
         finally:
             self._inflight.pop(request_id, None)
+            if not finished and self.observer is not None:
+                self.observer.on_finish(time.monotonic() - state.arrival, state.num_prompt_tokens, 0, "abort")
             if not finished:
                 open_ids = self.processor.discard(request_id)
                 if open_ids and self.dead is None:
@@ -236,4 +238,6 @@ class AsyncEngineClient:
                     reason = update.output.outputs[0].finish_reason or "stop"
                     obs.on_finish(now - state.arrival, state.num_prompt_tokens, gen, reason)
             state.last_token = now
-            state.queue.put_nowait(update)
+            # With the flag as of this step: update.output is shared and later steps mutate it, so a
+            # consumer that lags behind would otherwise stop early and drop the final deltas.
+            state.queue.put_nowait((update, update.output.finished))

@@ -6,6 +6,7 @@ outputs are pushed (not requested). When idle it blocks on its input socket.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import traceback
 
@@ -52,7 +53,11 @@ def run_engine(config: EngineConfig, input_addr: str, output_addr: str, log_leve
 
 def _loop(core, inbox, send) -> None:
     stats_dirty = True
+    parent = os.getppid()
     while True:
+        if not core.has_unfinished() and os.getppid() != parent:
+            log.error("the API process is gone; engine exiting")
+            return
         timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
         while inbox.poll(timeout):
             timeout = 0
@@ -66,8 +71,10 @@ def _loop(core, inbox, send) -> None:
                     for er in msg.requests:
                         core.add_request(er)
                         added.append(er.request_id)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - a bad request must not take the engine down
                     core.abort(added)
+                    if not isinstance(e, ValueError):
+                        log.exception("add_request failed")
                     send(RequestFailed(msg.requests[0].request_id, str(e)))
             elif isinstance(msg, AbortRequests):
                 core.abort(msg.request_ids)

@@ -1,0 +1,124 @@
+"""POST /v1/chat/completions: the chat template is applied, then the engine generates the reply."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from loopserve.outputs import CompletionOutput, RequestOutput
+from loopserve.sampling_params import SampleLogprobs
+from loopserve.server.errors import from_value_error
+from loopserve.server.protocol import (ChatCompletionRequest, new_id, now, safe_logprob, top_entries, usage)
+from loopserve.server.serving import (SSE_DONE, EventStreamResponse, Prompt, ServerState, generation_error, sse,
+                                      sse_error, stream_outputs, until_disconnect)
+
+router = APIRouter()
+FINGERPRINT = "loopserve"
+
+
+def _token_logprob(token: str, logprob: float | None) -> dict:
+    return {"token": token, "logprob": safe_logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(token_ids: list[int], entries: SampleLogprobs | None, k: int) -> dict | None:
+    """OpenAI chat logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    if entries is None:
+        return None
+    content = []
+    for tid, entry in zip(token_ids, entries):
+        chosen = entry.get(tid)
+        item = _token_logprob((chosen.decoded_token or "") if chosen else "", chosen.logprob if chosen else None)
+        item["top_logprobs"] = [_token_logprob(lp.decoded_token or "", lp.logprob) for _, lp in top_entries(entry, k)]
+        content.append(item)
+    return {"content": content}
+
+
+def _choice(out: CompletionOutput, k: int | None) -> dict:
+    return {"index": out.index,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": chat_logprobs(out.token_ids, out.logprobs, k or 0) if k is not None else None,
+            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+
+
+def chat_response(request_id: str, model: str, created: int, result: RequestOutput, k: int | None) -> dict:
+    completion = sum(len(o.token_ids) for o in result.outputs)
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [_choice(o, k) for o in result.outputs],
+            "usage": usage(len(result.prompt_token_ids), completion, result.num_cached_tokens)}
+
+
+async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: Prompt, params, request_id: str,
+                      created: int, k: int | None) -> AsyncIterator[bytes]:
+    include_usage = body.include_usage()
+
+    def chunk(choices: list[dict]) -> bytes:
+        obj = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+               "system_fingerprint": FINGERPRINT, "choices": choices}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    result: RequestOutput | None = None
+    async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt)) as updates:
+        for i in range(params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        try:
+            async for _, update in updates:
+                result = update.output
+                for d in update.deltas:
+                    if not (d.text or d.finish_reason or d.logprobs):
+                        continue
+                    choice = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                              "logprobs": chat_logprobs(d.token_ids, d.logprobs, k or 0) if k is not None else None,
+                              "finish_reason": d.finish_reason}
+                    if d.finish_reason is not None:
+                        choice["stop_reason"] = d.stop_reason
+                    yield chunk([choice])
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+            yield sse_error(e)
+            yield SSE_DONE
+            return
+    if include_usage and result is not None:
+        completion = sum(len(o.token_ids) for o in result.outputs)
+        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+                   "system_fingerprint": FINGERPRINT, "choices": [],
+                   "usage": usage(len(result.prompt_token_ids), completion, result.num_cached_tokens)})
+    yield SSE_DONE
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.loopserve
+    state.check_engine()
+    state.check_model(body.model)
+    requested = body.requested_max_tokens()
+    try:
+        k = body.num_logprobs()
+        params = body.sampling_params(requested, k)
+    except ValueError as e:
+        raise from_value_error(e, "top_logprobs") from None
+    text, ids = state.render_chat(body.messages, body.add_generation_prompt is not False,
+                                  body.chat_template_kwargs, body.tools)
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params.max_tokens = state.fit_max_tokens(len(ids), requested, "messages", max_param)
+    prompt = Prompt(text, ids)
+    request_id = new_id("chatcmpl")
+    created = now()
+    if body.stream:
+        return EventStreamResponse(chat_events(state, body, prompt, params, request_id, created, k))
+
+    async def work():
+        result = None
+        try:
+            async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt)) as ups:
+                async for _, update in ups:
+                    result = update.output
+        except Exception as e:  # noqa: BLE001
+            return generation_error(e).response()
+        return JSONResponse(chat_response(request_id, state.model_name, created, result, k))
+
+    return await until_disconnect(request, work())
