@@ -243,6 +243,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help=f"tokens per KV-cache block (default: {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' '
+                        "(methods: ngram, draft_model with \"model\", lookahead; default: off)")
     p.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="requests allowed to wait beyond --max-num-seqs before new ones get 429 "
                         f"(default: {DEFAULT_MAX_WAITING_REQUESTS})")
@@ -270,9 +273,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--port must be in [0, 65535]")
     try:
         path = resolve_model(args.model, models_dir=args.models_dir)
+        speculative = _speculative_config(args.speculative_config)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    engine_config = EngineConfig(
+    engine_config = EngineConfig(speculative=speculative,
         model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
@@ -283,6 +287,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout)
     from loopserve.server.launcher import run_server
     return run_server(engine_config, server_config, log_level=args.log_level, access_log=not args.no_access_log)
+
+
+def _speculative_config(text: str | None):
+    import json
+
+    from loopserve.config import SpeculativeConfig
+    if text is None:
+        return None
+    try:
+        return SpeculativeConfig.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
+
+
+def cmd_bench_spec(args: argparse.Namespace) -> int:
+    from loopserve.fetch import resolve_model
+    from loopserve.spec.select import main as bench_spec
+
+    try:
+        args.target = str(resolve_model(args.target, models_dir=args.models_dir))
+        args.draft = [str(resolve_model(d, models_dir=args.models_dir)) for d in args.draft or []]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not args.draft and not args.include:
+        raise UsageError("give at least one --draft (or --include ngram / lookahead)")
+    return bench_spec(args)
 
 
 # ---------------------------------------------------------------- parser
@@ -327,7 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    # The `bench` subcommand gets registered here once it exists.
+    p = sub.add_parser("bench", help="benchmarks and tuning helpers", description="Benchmarks and tuning helpers.")
+    bench = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    b = bench.add_parser("spec", help="pick a draft model: acceptance and expected speedup per draft", description=(
+        "Generate the prompts with the target and each draft model (speculative decoding, fixed k) and "
+        "report acceptance, tokens per target forward, measured draft/verify step costs and the expected "
+        "speedup, to pick a draft before deploying it. Prints JSON (and a table on stderr)."))
+    b.add_argument("--target", required=True, help="target model alias or path")
+    b.add_argument("--draft", action="append", help="a candidate draft model (repeatable); same tokenizer")
+    b.add_argument("--prompts", required=True, help="JSONL (strings, {prompt} or {messages}) or text, one per line")
+    b.add_argument("--include", nargs="*", choices=["ngram", "lookahead"], help="also measure these proposers")
+    b.add_argument("--num-speculative-tokens", "-k", type=int, default=4, help="k (default: 4)")
+    b.add_argument("--max-tokens", type=int, default=128, help="tokens per prompt (default: 128)")
+    b.add_argument("--temperature", type=float, default=0.0, help="(default: 0 = greedy)")
+    b.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    b.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    b.add_argument("--kv-cache-bytes", type=_parse_bytes, default=None, help="KV pool size of each model")
+    b.add_argument("--models-dir", default=None)
+    b.add_argument("--out", default=None, help="also write the JSON report here")
+    b.set_defaults(func=cmd_bench_spec)
+    # Further `bench` subcommands register on `bench` above.
     return parser
 
 

@@ -1,6 +1,7 @@
 """One home for loopserve's defaults and the typed configs that cross module boundaries."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,113 @@ class SchedulerConfig:
         return max(1, int(self.max_num_batched_tokens * DEFAULT_LONG_PREFILL_FRACTION))
 
 
+SPEC_METHODS = ("ngram", "draft_model", "lookahead")
+DEFAULT_NUM_SPECULATIVE_TOKENS = 5
+DEFAULT_PROMPT_LOOKUP_MIN = 2
+DEFAULT_PROMPT_LOOKUP_MAX = 4
+DEFAULT_LOOKAHEAD_NGRAM_SIZE = 4
+DEFAULT_LOOKAHEAD_POOL_SIZE = 8
+# Speculation is off for a whole step when more than this many requests are decoding: the extra
+# verify tokens then cost more than they save (CPU runs out of compute first; a GPU can raise this).
+# Below it the per-request length already shrinks with the batch (see loopserve/spec/adaptive.py).
+DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE = 16
+# Per-request adaptive length: acceptance is an EWMA over verify passes; k maximises the expected
+# tokens per pass, E(k) = (1 - a^(k+1)) / (1 - a), over its cost 1 + k * c, in one-token decode steps.
+# VERIFY_TOKEN_COST is c at batch 1 (CPU, SmolLM2-135M: a 6-token verify costs ~1.5 decodes; a GPU is
+# nearer 0.01); DRAFT_TOKEN_COST adds one draft step per proposed token. Below MIN_GAIN expected
+# speedup the request stops speculating for REPROBE_INTERVAL steps, then tries again with one token.
+DEFAULT_SPEC_ACCEPTANCE_EWMA = 0.3
+DEFAULT_SPEC_INITIAL_ACCEPTANCE = 0.6
+DEFAULT_SPEC_VERIFY_TOKEN_COST = 0.1
+DEFAULT_SPEC_DRAFT_TOKEN_COST = 0.15
+DEFAULT_SPEC_MIN_GAIN = 1.05
+DEFAULT_SPEC_REPROBE_INTERVAL = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, vLLM-style: `SpeculativeConfig.from_dict({"method": "ngram", ...})`."""
+    method: str
+    num_speculative_tokens: int = DEFAULT_NUM_SPECULATIVE_TOKENS  # k: the most tokens proposed per step
+    # ngram: match the longest suffix of prompt + output of this many tokens against earlier text.
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
+    # draft_model: a smaller model with the target's tokenizer (alias or path), its own KV pool.
+    model: str | None = None
+    draft_load_format: str = "auto"
+    draft_num_blocks: int | None = None  # None: as many blocks as the target's pool
+    # lookahead: n-gram size of the pool built from Jacobi trajectories, n-grams kept per first token.
+    lookahead_ngram_size: int = DEFAULT_LOOKAHEAD_NGRAM_SIZE
+    lookahead_pool_size: int = DEFAULT_LOOKAHEAD_POOL_SIZE
+    # Adaptive length and switching off (see the DEFAULT_SPEC_* notes above).
+    adaptive: bool = True
+    disable_by_batch_size: int = DEFAULT_SPEC_DISABLE_BY_BATCH_SIZE
+    acceptance_ewma: float = DEFAULT_SPEC_ACCEPTANCE_EWMA
+    initial_acceptance: float = DEFAULT_SPEC_INITIAL_ACCEPTANCE
+    verify_token_cost: float = DEFAULT_SPEC_VERIFY_TOKEN_COST  # < 1
+    draft_token_cost: float = DEFAULT_SPEC_DRAFT_TOKEN_COST
+    min_gain: float = DEFAULT_SPEC_MIN_GAIN
+    reprobe_interval: int = DEFAULT_SPEC_REPROBE_INTERVAL
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"speculative_config.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        check(self.method in SPEC_METHODS, "method", f"one of {', '.join(SPEC_METHODS)}")
+        check(is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= 64,
+              "num_speculative_tokens", "an integer in [1, 64]")
+        check(is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1, "prompt_lookup_min", "an integer >= 1")
+        check(is_int(self.prompt_lookup_max) and self.prompt_lookup_max >= self.prompt_lookup_min,
+              "prompt_lookup_max", f"an integer >= prompt_lookup_min ({self.prompt_lookup_min})")
+        if self.method == "draft_model":
+            check(isinstance(self.model, str) and bool(self.model), "model",
+                  "a draft model alias or path (required with method 'draft_model')")
+        else:
+            check(self.model is None, "model", f"unset with method {self.method!r} (only 'draft_model' uses it)")
+        check(self.draft_load_format in ("auto", "safetensors", "gguf", "dummy"), "draft_load_format",
+              "one of auto, safetensors, gguf, dummy")
+        check(self.draft_num_blocks is None or (is_int(self.draft_num_blocks) and self.draft_num_blocks >= 1),
+              "draft_num_blocks", "None or an integer >= 1")
+        check(is_int(self.lookahead_ngram_size) and 2 <= self.lookahead_ngram_size <= 16,
+              "lookahead_ngram_size", "an integer in [2, 16]")
+        check(is_int(self.lookahead_pool_size) and self.lookahead_pool_size >= 1, "lookahead_pool_size",
+              "an integer >= 1")
+        check(isinstance(self.adaptive, bool), "adaptive", "true or false")
+        check(is_int(self.disable_by_batch_size) and self.disable_by_batch_size >= 1, "disable_by_batch_size",
+              "an integer >= 1")
+        check(is_num(self.acceptance_ewma) and 0.0 < self.acceptance_ewma <= 1.0, "acceptance_ewma", "in (0, 1]")
+        check(is_num(self.initial_acceptance) and 0.0 <= self.initial_acceptance <= 1.0, "initial_acceptance",
+              "in [0, 1]")
+        check(is_num(self.verify_token_cost) and 0.0 <= self.verify_token_cost < 1.0, "verify_token_cost",
+              "in [0, 1)")
+        check(is_num(self.draft_token_cost) and self.draft_token_cost >= 0.0, "draft_token_cost", ">= 0")
+        check(is_num(self.min_gain) and self.min_gain > 0.0, "min_gain", "> 0")
+        check(is_int(self.reprobe_interval) and self.reprobe_interval >= 1, "reprobe_interval", "an integer >= 1")
+
+    @classmethod
+    def from_dict(cls, d: "dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """A vLLM-style `speculative_config` dict (or None / an instance) -> SpeculativeConfig."""
+        if d is None or isinstance(d, SpeculativeConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown field(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(allowed)}")
+        if "method" not in d:
+            raise ValueError(f"speculative_config.method is required: one of {', '.join(SPEC_METHODS)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
@@ -101,6 +209,7 @@ class EngineConfig:
     tokenizer: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None  # `SpeculativeConfig.from_dict(json)` for a CLI flag
 
 
 DEFAULT_HOST = "127.0.0.1"

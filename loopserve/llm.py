@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from loopserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MODEL, CacheConfig,
-                              EngineConfig, SchedulerConfig)
+                              EngineConfig, SchedulerConfig, SpeculativeConfig)
 from loopserve.engine.core import EngineCore, EngineRequest, EngineStats
 from loopserve.engine.output_processor import OutputProcessor
 from loopserve.engine.request import RequestStatus
@@ -27,7 +27,8 @@ class LLM:
                  enable_prefix_caching: bool = True,
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                 long_prefill_token_threshold: int | None = None) -> None:
+                 long_prefill_token_threshold: int | None = None,
+                 speculative_config: dict | SpeculativeConfig | None = None) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -37,7 +38,8 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      long_prefill_token_threshold=long_prefill_token_threshold))
+                                      long_prefill_token_threshold=long_prefill_token_threshold),
+            speculative=SpeculativeConfig.from_dict(speculative_config))
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from loopserve.attention.metadata import AttentionMetadata, KVCache
 
 
+# Sequences with at most this many new tokens over a cached context (speculative verify passes) are
+# batched in one padded SDPA call, like decodes, instead of one call each.
+SHORT_QUERY = 16
+
+
 class TorchPagedAttention:
     name = "torch"
 
@@ -38,6 +43,31 @@ class TorchPagedAttention:
             lens_t = torch.tensor(lens, device=device)
             mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
             got = meta.derived["decode"] = (tables, rows, mask, max_len)
+        return got
+
+    @staticmethod
+    def _short_inputs(meta: AttentionMetadata, bs: int, device: torch.device):
+        """Sequences with a few new tokens over a cached context (speculative verify passes), batched
+        like decodes: padded query rows, block tables and a causal-with-offset mask, built once per step."""
+        got = meta.derived.get("short")
+        if got is None:
+            qsl, lens = meta.query_start_loc, meta.seq_lens
+            idx = [i for i in meta.prefill_indices
+                   if 1 < qsl[i + 1] - qsl[i] <= SHORT_QUERY and qsl[i + 1] - qsl[i] < lens[i]]
+            if len(idx) < 2:
+                got = meta.derived["short"] = ()
+                return got
+            n_new = [qsl[i + 1] - qsl[i] for i in idx]
+            qmax, max_len = max(n_new), max(lens[i] for i in idx)
+            tables = meta.block_tables[idx, :(max_len + bs - 1) // bs]
+            # Row r of sequence b reads query row qsl + min(r, n - 1): padding repeats the last row.
+            rows = [[qsl[i] + min(r, n - 1) for r in range(qmax)] for i, n in zip(idx, n_new)]
+            q_pos = [[lens[i] - n + min(r, n - 1) for r in range(qmax)] for i, n in zip(idx, n_new)]
+            rows_t = torch.tensor(rows, device=device)
+            mask = (torch.arange(max_len, device=device)[None, None, :]
+                    <= torch.tensor(q_pos, device=device)[:, :, None])[:, None]      # [B, 1, qmax, L]
+            valid = torch.tensor([[r < n for r in range(qmax)] for n in n_new], device=device)
+            got = meta.derived["short"] = (set(idx), tables, rows_t, mask, max_len, valid, rows_t[valid])
         return got
 
     @staticmethod
@@ -72,7 +102,19 @@ class TorchPagedAttention:
                                                scale=scale, enable_gqa=gqa)
             out.index_copy_(0, rows, o.squeeze(2).to(out.dtype))
 
+        short = self._short_inputs(meta, bs, query.device) if meta.prefill_indices else ()
+        if short:
+            _, tables, rows, mask, max_len, valid, out_rows = short
+            k = cache.key[tables].flatten(1, 2)[:, :max_len]                # [B, L, Hkv, D]
+            v = cache.value[tables].flatten(1, 2)[:, :max_len]
+            q = query[rows].transpose(1, 2)                                  # [B, Hq, qmax, D]
+            o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               scale=scale, enable_gqa=gqa)
+            out.index_copy_(0, out_rows, o.transpose(1, 2)[valid].to(out.dtype))
+
         for i in meta.prefill_indices:
+            if short and i in short[0]:
+                continue
             start, end = qsl[i], qsl[i + 1]
             n_new, total = end - start, lens[i]
             q = query[start:end].transpose(0, 1)                             # [Hq, n, D]

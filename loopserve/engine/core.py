@@ -1,6 +1,7 @@
 """EngineCore: schedule -> execute -> update, one step at a time, over token ids only."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from loopserve.engine.scheduler import Scheduler
 from loopserve.runner.model_runner import ModelRunner, kv_bytes_per_block
 from loopserve.runner.sampler import SampledToken, Sampler
 from loopserve.sampling_params import SamplingParams
+from loopserve.spec.decoder import SpecDecoder
+from loopserve.spec.metrics import SpecDecodeStats
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class EngineStats:
     prefix_hit_tokens: int
     num_preemptions: int
     prefix_cached_tokens: int  # tokens held in blocks that later requests can hit
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding counters, when it is on
 
 
 def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -102,6 +106,11 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
                                   self.device, self.dtype, self.sampler)
         self.requests: dict[str, Request] = {}
+        self.spec: SpecDecoder | None = None
+        if config.speculative is not None:
+            self.spec = SpecDecoder.build(config.speculative, self)
+            log.info("speculative decoding: %s, k <= %d", config.speculative.method,
+                     config.speculative.num_speculative_tokens)
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
                  self.model_path, self.device, self.dtype, num_blocks, cache.block_size, self.max_model_len)
 
@@ -138,21 +147,36 @@ class EngineCore:
             if req is not None:
                 req.stop_reason = stop_reason if stop_reason is not None else req.stop_reason
                 self.scheduler.finish(req, status)
+                if self.spec is not None:
+                    self.spec.release(rid)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[EngineOutput]:
+        spec = self.spec
+        draft_probs = spec.propose(self.scheduler.running) if spec is not None else {}
         sched = self.scheduler.schedule()
+        if spec is not None:
+            for rid in sched.preempted:
+                spec.release(rid)
         if sched.empty:
             return []
-        result = self.runner.execute(sched)
-        finished = {r.request_id for r in self.scheduler.update(sched, {k: v.token_id for k, v in result.sampled.items()})}
+        result = self.runner.execute(sched, draft_probs, want_predictions=spec is not None and spec.wants_predictions)
+        if spec is not None:
+            spec.observe(sched, result.sampled, result.predictions)
+        before = {rid: self.requests[rid].num_output_tokens for rid in result.sampled}
+        finished = {r.request_id for r in self.scheduler.update(
+            sched, {k: [t.token_id for t in v] for k, v in result.sampled.items()})}
         outputs = []
         now = time.monotonic()
-        for rid, tok in result.sampled.items():
+        for rid, toks in result.sampled.items():
             req = self.requests[rid]
-            out = EngineOutput(rid, [tok.token_id], [tok] if req.params.logprobs is not None else None,
+            # A stop inside a run of accepted tokens drops the rest: report only what was appended.
+            new = req.output_token_ids[before[rid]:]
+            if not new:
+                continue
+            out = EngineOutput(rid, new, toks[:len(new)] if req.params.logprobs is not None else None,
                                num_prompt_tokens=req.num_prompt_tokens,
                                num_cached_tokens=max(req.num_cached_tokens, 0))
             if req.timings.first_token is None:
@@ -162,6 +186,8 @@ class EngineCore:
                 out.finish_reason = req.status.value
                 out.stop_reason = req.stop_reason
                 del self.requests[rid]
+                if spec is not None:
+                    spec.release(rid)
             outputs.append(out)
         return outputs
 
@@ -169,4 +195,5 @@ class EngineCore:
         s = self.kv.stats
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage(),
                            self.kv.num_blocks, self.kv.num_free_blocks, s.queried_tokens, s.hit_tokens,
-                           self.scheduler.num_preemptions, self.kv.pool.num_cached_blocks * self.kv.block_size)
+                           self.scheduler.num_preemptions, self.kv.pool.num_cached_blocks * self.kv.block_size,
+                           spec_decode=copy.deepcopy(self.spec.stats) if self.spec is not None else None)

@@ -61,6 +61,10 @@ class IncrementalDetokenizer:
         return self._stop_reason
 
     @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stops)
+
+    @property
     def text(self) -> str:
         """All text emitted so far (deltas from append() plus what flush() returned)."""
         if len(self._emitted) > 1:

@@ -209,6 +209,22 @@ class KVCacheManager:
             self.pool.cache(table[i], request.block_hashes[i])
         self._num_hashed[rid] = num_full
 
+    def truncate(self, request: Request) -> None:
+        """Release the blocks past the request's computed tokens (rejected speculative tokens' KV).
+
+        Safe for the prefix cache: only full blocks below num_computed_tokens are ever hashed, and
+        the released tail blocks hold nothing the cache indexes.
+        """
+        table = self._tables.get(request.request_id)
+        if not table:
+            return
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if len(table) > keep:
+            assert self._num_hashed.get(request.request_id, 0) <= keep
+            surplus = table[keep:]
+            del table[keep:]
+            self.pool.release(surplus[::-1])
+
     def free(self, request: Request) -> None:
         table = self._tables.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)

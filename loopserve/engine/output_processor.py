@@ -6,6 +6,7 @@ the server, so the engine core only ever sees token ids.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from loopserve.engine.core import EngineOutput
@@ -107,9 +108,9 @@ class OutputProcessor:
             out, tracked = sample.output, sample.request
             result = tracked.result
             result.num_cached_tokens = max(result.num_cached_tokens, eo.num_cached_tokens)
+            text, eo = self._detokenize(sample, eo)
             out.token_ids.extend(eo.new_token_ids)
             new_logprobs = self._add_logprobs(out, eo) if eo.new_logprobs is not None else None
-            text = sample.detok.append(eo.new_token_ids)
             finish, stop_reason = eo.finish_reason, eo.stop_reason
             if sample.detok.stop_reason is not None:
                 if finish is None:
@@ -129,6 +130,24 @@ class OutputProcessor:
                                              out.finish_reason, out.stop_reason))
         step.updates = list(touched.values())
         return step
+
+    @staticmethod
+    def _detokenize(sample: _Sample, eo: EngineOutput) -> tuple[str, EngineOutput]:
+        """Text delta of the step's tokens. Several tokens at once (speculative decoding) with stop
+        strings go in one by one, and the tokens after the one that completes a stop string are
+        dropped, so the output is what one-token steps would have produced."""
+        ids = eo.new_token_ids
+        if len(ids) == 1 or not sample.detok.has_stop_strings:
+            return sample.detok.append(ids), eo
+        text = ""
+        for n, tok in enumerate(ids, start=1):
+            text += sample.detok.append([tok])
+            if sample.detok.stop_reason is not None:
+                if n < len(ids):
+                    eo = dataclasses.replace(eo, new_token_ids=ids[:n], new_logprobs=(
+                        eo.new_logprobs[:n] if eo.new_logprobs is not None else None))
+                break
+        return text, eo
 
     def _add_logprobs(self, out: CompletionOutput, eo: EngineOutput) -> SampleLogprobs:
         added: SampleLogprobs = []

@@ -37,6 +37,9 @@ class Request:
 
     Invariant: tokens [0, num_computed_tokens) have their KV in the blocks the cache manager holds
     for this request; the scheduler moves num_computed_tokens towards num_tokens every step.
+    Speculative decoding: `spec_token_ids` are proposed tokens that follow all_token_ids for one
+    step only. They are scheduled and written to the cache like known tokens, but they are not part
+    of all_token_ids and num_computed_tokens only counts those the target accepted.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -60,6 +63,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.timings = RequestTimings()
         self.block_hashes: list[bytes] = []  # hashes of this request's full blocks, in order
+        self.spec_token_ids: list[int] = []  # this step's proposal (speculative decoding), else empty
 
     @property
     def num_prompt_tokens(self) -> int:

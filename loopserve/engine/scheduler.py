@@ -5,6 +5,12 @@ at most max_num_batched_tokens so requests catch up: a decode needs 1 token, a p
 (capped per step so one long prompt cannot starve running decodes), a prefix-cache hit simply
 starts a request further along. Running requests are served first; when blocks run out the
 policy's victim is preempted (blocks freed, recomputed later), so the scheduler never deadlocks.
+
+Speculative decoding: a running request that has caught up (one known token left) may carry
+proposed `spec_token_ids`; they are scheduled after its known token (trimmed to the budget, to what
+max_tokens / the context window can still take, and dropped first when blocks are short) and the
+target scores them all in the same forward. `update` keeps only the accepted ones: the computed
+count stops at the last accepted token and the blocks past it are released (rollback).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ class ScheduledSeq:
     block_ids: list[int]
     # This step reaches the request's last known token, so its logits are sampled.
     samples: bool = False
+    # The last num_spec_tokens of num_new_tokens are the request's spec_token_ids (already trimmed).
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -75,19 +83,25 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, cap, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            n = min(left, cap, budget)
             if n <= 0:
                 i += 1
                 continue
-            while not self.kv.allocate(req, n):
+            n_spec = self._num_spec(req, budget - n) if n == left == 1 else 0
+            while not self.kv.allocate(req, n + n_spec):
+                if n_spec:
+                    n_spec = 0  # give up the proposal before preempting anyone for it
+                    continue
                 victim = self.policy.victim(self.running)
                 self._preempt(victim, out)
                 if victim is req:
                     break
             else:
-                out.seqs.append(ScheduledSeq(req, n, []))
+                del req.spec_token_ids[n_spec:]
+                out.seqs.append(ScheduledSeq(req, n + n_spec, [], num_spec_tokens=n_spec))
                 scheduled.add(req.request_id)
-                budget -= n
+                budget -= n + n_spec
                 i += 1
                 continue
             break  # the request itself was preempted: every later one already was too
@@ -121,12 +135,25 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return self._finish(out)
 
+    @staticmethod
+    def _num_spec(req: Request, budget: int) -> int:
+        """How many of the request's proposed tokens fit: the budget, and no more than max_tokens /
+        the context window can take after the token the target adds itself."""
+        if not req.spec_token_ids:
+            return 0
+        room = min(req.max_output_tokens - req.num_output_tokens, req.max_model_len - req.num_tokens) - 1
+        return max(0, min(len(req.spec_token_ids), budget, room))
+
     def _finish(self, out: SchedulerOutput) -> SchedulerOutput:
         # Tables are read once, after every allocation of this step.
+        scheduled = {id(seq.request) for seq in out.seqs}
+        for req in self.running:
+            if req.spec_token_ids and id(req) not in scheduled:
+                req.spec_token_ids.clear()  # a proposal lives for one step only
         for seq in out.seqs:
             req = seq.request
             seq.block_ids = self.kv.block_ids(req.request_id)
-            seq.samples = req.num_computed_tokens + seq.num_new_tokens == req.num_tokens
+            seq.samples = req.num_computed_tokens + seq.num_new_tokens - seq.num_spec_tokens == req.num_tokens
         return out
 
     @staticmethod
@@ -137,6 +164,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids.clear()
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -144,22 +172,40 @@ class Scheduler:
         out.seqs = [s for s in out.seqs if s.request is not req]
         self.policy.requeue(self.waiting, req)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish stopped requests; returns finished."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, int | list[int]]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, finish stopped requests; returns finished.
+
+        With speculation a request gets a list: its accepted proposed tokens, then one token of the
+        target's own. Tokens are appended one by one and a stop (EOS, stop token, max_tokens) drops
+        the rest. Accepted proposed tokens already have their KV; rejected ones are rolled back.
+        """
         finished = []
         for seq in out.seqs:
             req = seq.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += seq.num_new_tokens
-            token = sampled.get(req.request_id)
-            if token is not None:
-                req.append_token(token)
-                status = req.check_stop()
-                if status is not None:
-                    self.finish(req, status)
-                    finished.append(req)
-                    continue
+            req.num_computed_tokens += seq.num_new_tokens - seq.num_spec_tokens
+            tokens = sampled.get(req.request_id)
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            stopped = None
+            if tokens:
+                num_accepted = len(tokens) - 1
+                assert num_accepted <= seq.num_spec_tokens, "more tokens than proposed + 1"
+                for i, token in enumerate(tokens):
+                    req.append_token(token)
+                    if i < num_accepted:
+                        req.num_computed_tokens += 1  # written as proposal i, which it equals
+                    stopped = req.check_stop()
+                    if stopped is not None:
+                        break
+            req.spec_token_ids.clear()
+            if stopped is not None:
+                self.finish(req, stopped)
+                finished.append(req)
+                continue
+            if seq.num_spec_tokens:
+                self.kv.truncate(req)
             self.kv.cache_computed_blocks(req)
         return finished
 

@@ -1,20 +1,24 @@
 """Model runner: turns a SchedulerOutput into one forward pass over the paged cache, then samples."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.attention.torch_ref import TorchPagedAttention
 from loopserve.config import ModelConfig
-from loopserve.engine.scheduler import SchedulerOutput
+from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.runner.sampler import SampledToken, Sampler, SamplingRow
 
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, SampledToken]  # only for requests whose last known token was processed
+    # Only for requests whose last known token was processed: the token sampled after it, or with
+    # speculation the accepted proposed tokens followed by one token of the target's own.
+    sampled: dict[str, list[SampledToken]]
+    # Speculating requests, when asked: the target's argmax at each verified position (k + 1).
+    predictions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -51,7 +55,10 @@ class ModelRunner:
             req = seq.request
             start, n = req.num_computed_tokens, seq.num_new_tokens
             end = start + n
-            token_ids.extend(req.all_token_ids[start:end])
+            known_end = end - seq.num_spec_tokens
+            token_ids.extend(req.all_token_ids[start:known_end])
+            if seq.num_spec_tokens:
+                token_ids.extend(req.spec_token_ids[:seq.num_spec_tokens])
             pos = range(start, end)
             positions.extend(pos)
             ids = seq.block_ids
@@ -60,8 +67,9 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             (decode_idx if n == 1 else prefill_idx).append(i)
-            if seq.samples:
-                logits_rows.append(query_start_loc[-1] - 1)
+            if seq.samples:  # the last known token's row, then one row per proposed token
+                last = query_start_loc[-1] - 1
+                logits_rows.extend(range(last - seq.num_spec_tokens, last + 1))
         dev = self.device
         meta = AttentionMetadata(
             query_start_loc=query_start_loc, seq_lens=seq_lens,
@@ -71,16 +79,29 @@ class ModelRunner:
                 torch.tensor(positions, dtype=torch.long, device=dev), meta, logits_rows)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def forward_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledSeq]]:
+        """One forward pass; fp32 logits of the sampling rows (k + 1 per speculating request) and the
+        scheduled sequences they belong to, in order."""
         if out.empty:
-            return RunnerOutput({})
+            return None, []
         input_ids, positions, meta, logits_rows = self._prepare(out)
         hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
         sampling = [s for s in out.seqs if s.samples]
         if not sampling:
+            return None, []
+        return self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)]), sampling
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None,
+                want_predictions: bool = False) -> RunnerOutput:
+        logits, sampling = self.forward_logits(out)
+        if logits is None:
             return RunnerOutput({})
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)])
+        if any(s.num_spec_tokens for s in sampling):
+            from loopserve.spec.verify import verify
+            sampled, predictions = verify(self.sampler, logits, sampling, draft_probs or {}, want_predictions)
+            return RunnerOutput(sampled, predictions)
         rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
                             s.request.generator) for s in sampling]
         tokens = self.sampler.sample(logits, rows)
-        return RunnerOutput({s.request.request_id: t for s, t in zip(sampling, tokens)})
+        return RunnerOutput({s.request.request_id: [t] for s, t in zip(sampling, tokens)})

@@ -195,7 +195,12 @@ class Sampler:
 
     def _sample_rows(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """x: [S, V] float32 processed logits of the non-greedy rows (may be the caller's: not edited)."""
-        n, vocab = x.shape
+        return self.race(self.probs(x, rows), rows)
+
+    def probs(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The distribution a non-greedy row samples from: processed logits x [S, V] (not edited) through
+        temperature, top-k, top-p and min-p, softmaxed. Speculative verification accepts against it."""
+        vocab = x.shape[1]
         dev = x.device
         params = [r.params for r in rows]
         top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -217,7 +222,12 @@ class Sampler:
             floor = x.amax(dim=-1, keepdim=True) + table[:, 3:4].log()
             x.masked_fill_(x < floor, float("-inf"))
 
-        probs = x.softmax(dim=-1).nan_to_num_(nan=0.0)  # an all -inf row would give NaN
+        return x.softmax(dim=-1).nan_to_num_(nan=0.0)  # an all -inf row would give NaN
+
+    def race(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """One token per row of probs [S, V] (consumed: divided in place)."""
+        n, vocab = probs.shape
+        dev = probs.device
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws token i with probability p_i.
         # E = -log(U), U ~ U[0, 1); a row with its own generator gets its own draw of V numbers (the same
         # noise whatever the batch). uniform_ + log is ~5x faster than exponential_ on CPU.

@@ -52,6 +52,10 @@ class ServerMetrics:
                                ["finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):
             self.success.labels(finished_reason=reason)
+        self.spec_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens",
+                                         "Speculative tokens proposed and verified.", ["method"], registry=r)
+        self.spec_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens",
+                                            "Speculative tokens accepted.", ["method"], registry=r)
         self._last: EngineStats | None = None
 
     # ---- RequestObserver -----------------------------------------------------------------------
@@ -83,6 +87,13 @@ class ServerMetrics:
                 (self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0)):
             if now > before:
                 counter.inc(now - before)
+        spec, last_spec = stats.spec_decode, last.spec_decode if last else None
+        if spec is not None:
+            for counter, now, before in (
+                    (self.spec_draft_tokens, spec.num_draft_tokens, last_spec.num_draft_tokens if last_spec else 0),
+                    (self.spec_accepted_tokens, spec.num_accepted_tokens,
+                     last_spec.num_accepted_tokens if last_spec else 0)):
+                counter.labels(method=spec.method).inc(max(0, now - before))
         self._last = stats
 
     def set_pool(self, num_blocks: int) -> None:
