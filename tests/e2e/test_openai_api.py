@@ -210,7 +210,14 @@ def _wait_idle(server, timeout=5.0) -> dict:
 
 
 def _finished(m: dict) -> float:
-    return sum(v for k, v in m.items() if k.startswith("loopserve:request_success_total"))
+    """Requests that ran to completion (aborts are counted under their own reason)."""
+    return sum(v for k, v in m.items()
+               if k.startswith("loopserve:request_success_total") and 'finished_reason="abort"' not in k)
+
+
+def _aborted(m: dict) -> float:
+    return sum(v for k, v in m.items()
+               if k.startswith("loopserve:request_success_total") and 'finished_reason="abort"' in k)
 
 
 @pytest.mark.parametrize("path,body", [
@@ -218,7 +225,8 @@ def _finished(m: dict) -> float:
     ("/v1/completions", {"prompt": "hello", "n": 2}),
 ])
 def test_disconnect_mid_stream_frees_everything(server, path, body):
-    before = _finished(_wait_idle(server))
+    idle = _wait_idle(server)
+    before, aborted_before = _finished(idle), _aborted(idle)
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", server.base_url + path, headers=server.headers,
                       json={**body, "model": server.model, "max_tokens": 900, "ignore_eos": True,
@@ -233,10 +241,12 @@ def test_disconnect_mid_stream_frees_everything(server, path, body):
     assert m["loopserve:num_requests_running"] == 0
     assert m["loopserve:kv_cache_free_blocks"] == m["loopserve:kv_cache_total_blocks"]
     assert _finished(m) == before  # aborted, not run to completion
+    assert _aborted(m) == aborted_before + 1
 
 
 def test_disconnect_non_streaming_aborts(server):
-    before = _finished(_wait_idle(server))
+    idle = _wait_idle(server)
+    before, aborted_before = _finished(idle), _aborted(idle)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.base_url + "/v1/completions", headers=server.headers, timeout=0.5,
                    json={"prompt": "hello", "max_tokens": 900, "ignore_eos": True})
@@ -244,6 +254,7 @@ def test_disconnect_non_streaming_aborts(server):
     assert m["loopserve:num_requests_running"] == 0
     assert m["loopserve:kv_cache_free_blocks"] == m["loopserve:kv_cache_total_blocks"]
     assert _finished(m) == before
+    assert _aborted(m) == aborted_before + 1
 
 
 def test_metrics_exposed(server):
