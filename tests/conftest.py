@@ -82,3 +82,34 @@ def device(request) -> str:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("--device cuda given but no GPU is available")
     return dev
+
+
+@pytest.fixture
+def make_llm(tiny_llama, device):
+    """Build LLMs over the tiny model; after the test every one must have its whole block pool back
+    (the draft model's too, with speculative decoding)."""
+    from loopserve import LLM
+
+    made = []
+
+    def factory(**kw):
+        kw.setdefault("num_kv_blocks", 256)
+        kw.setdefault("block_size", 4)
+        kw.setdefault("device", device)
+        kw.setdefault("dtype", "fp32")
+        llm = LLM(str(kw.pop("model", tiny_llama)), **kw)
+        made.append(llm)
+        return llm
+
+    yield factory
+    for llm in made:
+        stats = llm.stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0
+        assert stats.num_free_blocks == stats.num_blocks, "KV blocks leaked"
+        spec = llm.engine.spec
+        if spec is not None:
+            assert not spec.states, "adaptive state leaked"
+            kv = getattr(spec.proposer, "kv", None)
+            if kv is not None:
+                assert kv.num_free_blocks == kv.num_blocks, "draft KV blocks leaked"
+                assert not spec.proposer.seqs

@@ -48,32 +48,3 @@ def looping_model(tmp_path_factory) -> Path:
             tensors[name].zero_()
     save_file(tensors, str(path), metadata={"format": "pt"})
     return out
-
-
-@pytest.fixture
-def make_llm(tiny_llama, device):
-    from loopserve import LLM
-
-    made = []
-
-    def factory(**kw):
-        kw.setdefault("num_kv_blocks", 256)
-        kw.setdefault("block_size", 4)
-        kw.setdefault("device", device)
-        kw.setdefault("dtype", "fp32")
-        llm = LLM(str(kw.pop("model", tiny_llama)), **kw)
-        made.append(llm)
-        return llm
-
-    yield factory
-    for llm in made:
-        stats = llm.stats()
-        assert stats.num_running == 0 and stats.num_waiting == 0
-        assert stats.num_free_blocks == stats.num_blocks, "target KV blocks leaked"
-        spec = llm.engine.spec
-        if spec is not None:
-            assert not spec.states, "adaptive state leaked"
-            kv = getattr(spec.proposer, "kv", None)
-            if kv is not None:
-                assert kv.num_free_blocks == kv.num_blocks, "draft KV blocks leaked"
-                assert not spec.proposer.seqs
