@@ -11,11 +11,11 @@ from loopserve.outputs import CompletionOutput, RequestOutput
 from loopserve.sampling_params import SampleLogprobs
 from loopserve.server.errors import from_value_error
 from loopserve.server.protocol import (ChatCompletionRequest, new_id, now, safe_logprob, top_entries, usage)
-from loopserve.server.serving import (SSE_DONE, EventStreamResponse, Prompt, ServerState, generation_error, sse,
+from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
+                                      generation_error, sse, usage_chunk,
                                       sse_error, stream_outputs, until_disconnect)
 
 router = APIRouter()
-FINGERPRINT = "loopserve"
 
 
 def _token_logprob(token: str, logprob: float | None) -> dict:
@@ -84,9 +84,8 @@ async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: P
             return
     if include_usage and result is not None:
         completion = sum(len(o.token_ids) for o in result.outputs)
-        yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": [],
-                   "usage": usage(len(result.prompt_token_ids), completion, result.num_cached_tokens)})
+        yield usage_chunk(request_id, "chat.completion.chunk", created, state.model_name,
+                          len(result.prompt_token_ids), completion, result.num_cached_tokens)
     yield SSE_DONE
 
 

@@ -13,11 +13,11 @@ from loopserve.sampling_params import SampleLogprobs, SamplingParams
 from loopserve.server.errors import bad_request, from_value_error
 from loopserve.server.protocol import (MAX_PROMPTS_PER_REQUEST, CompletionRequest, new_id, now, safe_logprob,
                                        top_entries, usage)
-from loopserve.server.serving import (SSE_DONE, EventStreamResponse, Prompt, ServerState, generation_error, sse,
+from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
+                                      generation_error, sse, usage_chunk,
                                       sse_error, stream_outputs, until_disconnect)
 
 router = APIRouter()
-FINGERPRINT = "loopserve"
 
 
 class LogprobsBuilder:
@@ -153,9 +153,8 @@ async def completion_events(state: ServerState, body: CompletionRequest, prompts
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         completion_tokens = sum(len(o.token_ids) for r in results.values() for o in r.outputs)
         cached = sum(r.num_cached_tokens for r in results.values())
-        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-                   "system_fingerprint": FINGERPRINT, "choices": [],
-                   "usage": usage(prompt_tokens, completion_tokens, cached)})
+        yield usage_chunk(request_id, "text_completion", created, state.model_name, prompt_tokens, completion_tokens,
+                          cached)
     yield SSE_DONE
 
 

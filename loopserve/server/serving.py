@@ -18,7 +18,7 @@ from loopserve.engine.client import AsyncEngineClient, EngineDeadError
 from loopserve.engine.output_processor import StreamUpdate
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
-from loopserve.server.protocol import ChatMessage
+from loopserve.server.protocol import ChatMessage, usage
 
 log = logging.getLogger("loopserve.server")
 
@@ -211,6 +211,17 @@ def generation_error(e: Exception) -> APIError:
 
 
 # ---- SSE and disconnects -----------------------------------------------------------------------
+
+FINGERPRINT = "loopserve"
+
+
+def usage_chunk(request_id: str, obj: str, created: int, model: str, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int) -> bytes:
+    """The final `stream_options.include_usage` chunk: no choices, just usage."""
+    return sse({"id": request_id, "object": obj, "created": created, "model": model,
+                "system_fingerprint": FINGERPRINT, "choices": [],
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
+
 
 def sse(obj: Any) -> bytes:
     """One server-sent event. Text that is not valid Unicode (lone surrogates) goes out escaped."""

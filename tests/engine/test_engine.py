@@ -30,7 +30,7 @@ def test_batch_of_32_with_staggered_arrivals_matches_alone(make_llm, reference):
     llm = make_llm()
     ps = prompts(32)
     # Staggered: add a few requests, step, add more, through the engine loop the LLM uses.
-    engine, proc = llm.engine, llm._processor
+    engine = llm.engine
     pending = list(enumerate(ps))
     done = {}
     rng = random.Random(1)

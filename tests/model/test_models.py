@@ -14,7 +14,6 @@ import torch
 import transformers
 
 from loopserve.attention import AttentionMetadata, ForwardBatch, KVCache, TorchPagedAttention
-from loopserve.config import ModelConfig
 from loopserve.model import (SUPPORTED_ARCHITECTURES, CausalLM, load_model, load_model_config,
                              load_tokenizer, model_config_from_hf)
 
