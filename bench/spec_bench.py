@@ -7,7 +7,8 @@ Methods: none (baseline), ngram, lookahead, draft_self (SmolLM2 drafting for its
 the draft-model path only -- there is no smaller model with SmolLM2's tokenizer here, and a draft as
 large as the target cannot pay). Greedy decoding (seeded sampling for `open_sampled`), so n-gram and
 lookahead must produce the baseline's tokens (reported as `identical`; the draft model is lossless in
-distribution, and identical too when greedy). Each (kind, batch, method) runs --repeats times; the fastest run counts.
+distribution, and identical too when greedy). Each (kind, batch, method) runs --repeats times, the
+methods taking turns so drift on a shared machine hits them alike; the fastest run counts.
 """
 from __future__ import annotations
 
@@ -59,35 +60,37 @@ def main() -> int:
     model_path = str(resolve_model(args.model))
 
     results = []
-    baseline: dict[tuple[str, int], dict] = {}
-    for method in ["none"] + [m for m in args.methods if m != "none"]:
-        llm = LLM(model_path, kv_cache_bytes=args.kv_cache_bytes,
-                  speculative_config=spec_config(method, model_path, args.k))
-        run_workload(llm, prompts("open", 1), SamplingParams(temperature=0.0, max_tokens=8), 1)  # warm-up
-        for kind in args.kinds:
-            for batch in args.batch_sizes:
-                convs = prompts(kind, args.num_prompts)
-                if batch == 1:
-                    convs = convs[:args.num_prompts_batch1]
-                params = [sampling_params(kind, args.max_tokens, i) for i in range(len(convs))]
-                runs = [run_workload(llm, convs, params, batch) for _ in range(args.repeats)]
-                best = min(runs, key=lambda r: r["seconds"])
+    methods = ["none"] + [m for m in args.methods if m != "none"]
+    llms = {}
+    for method in methods:
+        llms[method] = LLM(model_path, kv_cache_bytes=args.kv_cache_bytes,
+                           speculative_config=spec_config(method, model_path, args.k))
+        run_workload(llms[method], prompts("open", 1), SamplingParams(temperature=0.0, max_tokens=8), 1)  # warm-up
+    for kind in args.kinds:
+        for batch in args.batch_sizes:
+            convs = prompts(kind, args.num_prompts)
+            if batch == 1:
+                convs = convs[:args.num_prompts_batch1]
+            params = [sampling_params(kind, args.max_tokens, i) for i in range(len(convs))]
+            # Methods take turns within each repeat, so drift on a shared machine hits them alike.
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for _ in range(args.repeats):
+                for method in methods:
+                    runs[method].append(run_workload(llms[method], convs, params, batch))
+            base = min(runs["none"], key=lambda r: r["seconds"])
+            for method in methods:
+                best = min(runs[method], key=lambda r: r["seconds"])
                 row = {"method": method, "kind": kind, "batch": batch, "seconds": round(best["seconds"], 3),
-                       "all_seconds": [round(r["seconds"], 3) for r in runs],
+                       "all_seconds": [round(r["seconds"], 3) for r in runs[method]],
                        "output_tokens": best["output_tokens"], "tok_s": round(best["tok_s"], 2),
                        "tokens_per_target_forward": round(best["tokens_per_forward"], 3)}
                 if "spec" in best:
                     row["spec"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in best["spec"].items()}
-                key = (kind, batch)
-                if method == "none":
-                    baseline[key] = best
-                else:
-                    base = baseline[key]
+                if method != "none":
                     row["speedup"] = round(base["seconds"] / best["seconds"], 3)
                     row["identical"] = best["token_ids"] == base["token_ids"]
                 results.append(row)
                 print(json.dumps(row), flush=True)
-        del llm
 
     checks = {}  # the targets: >= 2x on edits at batch 1 with n-gram lookup, no slowdown where nothing matches
     for r in results:

@@ -5,12 +5,13 @@ window rides along in the verify pass as the proposal, so the target's argmax at
 position comes back for free; the predictions past the accepted prefix become the next guesses (one
 Jacobi iteration per step: x_i <- argmax p(. | x_<i)).
 
-Trajectories (and the generated text, where they converged) feed an n-gram pool. The prediction at a position was made right after the token fed at
-the position before; when that token was itself last step's prediction, the two belong to one
-trajectory. Following trajectories across steps gives chains of tokens each predicted after the
-previous one (the diagonals of lookahead decoding's 2D window); every chain of N tokens goes into
-the request's pool keyed by its first token. A proposal is a pool n-gram starting with the request's
-last token (preferring one that agrees with the window), followed by the window's guesses. Proposals
+Trajectories (and the prompt and generated text, where they converged) feed an n-gram pool. The
+prediction at a position was made right after the token fed at the position before; when that token
+was itself last step's prediction, the two belong to one trajectory. Following trajectories across
+steps gives chains of tokens each predicted after the previous one (the diagonals of lookahead
+decoding's 2D window); every chain of N tokens goes into the request's pool keyed by its first
+token. A proposal is a pool n-gram starting with the request's last token (preferring one that
+agrees with the window), followed by the window's guesses. Proposals
 are deterministic, so verification is the standard point-mass one and the output stays lossless.
 """
 from __future__ import annotations
@@ -54,9 +55,10 @@ class LookaheadProposer:
         for req, k in wants:
             st = self._states.setdefault(req.request_id, _State())
             tokens = req.all_token_ids
-            # The output itself is where every trajectory converged: its n-grams join the pool too
-            # (this also keeps the pool growing while the request is not speculating).
-            for end in range(max(st.num_seen, req.num_prompt_tokens, self.n), req.num_tokens + 1):
+            # The prompt and the output (where every trajectory converged) join the pool too: agent
+            # outputs copy their inputs, and this keeps the pool growing while the request is not
+            # speculating. The prompt is read once, on the request's first proposal.
+            for end in range(max(st.num_seen, self.n), req.num_tokens + 1):
                 self._add(st, tuple(tokens[end - self.n:end]))
             st.num_seen = req.num_tokens + 1
             guesses = st.guesses if st.guess_pos == req.num_tokens else []

@@ -168,6 +168,42 @@ def test_adaptive_length_shrinks_with_the_batch():
     assert with_draft.best(0.8, 1)[0] < ks[0]
 
 
+def test_failed_probes_back_off_exponentially():
+    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=4, reprobe_interval=4)
+    ad = AdaptiveLength(cfg)
+    st = ad.new_state()
+    st.accepted = 0.0  # nothing is ever accepted
+    gaps, off = [], 0
+    while len(gaps) < 6:
+        k = ad.length(st)
+        if k == 0:
+            off += 1
+            continue
+        assert k == 1  # only one-token probes
+        ad.observe(st, k, 0)
+        gaps.append(off)
+        off = 0
+    assert gaps == [3, 7, 15, 31, 63, 63]  # each failed probe doubles the pause, up to 2^4 intervals
+    st.accepted = st.tried  # acceptance recovers: the next probe succeeds and resets the pause
+    while ad.length(st) == 0:
+        pass
+    assert ad.length(st) > 1 and st.backoff == 0
+
+
+def test_measured_step_overhead_switches_speculation_off():
+    cfg = SpeculativeConfig(method="lookahead", num_speculative_tokens=5)
+    ad = AdaptiveLength(cfg)
+    rate = 0.3
+    assert ad.best(rate, 1)[1] > cfg.min_gain  # the constant model alone says it pays
+    for _ in range(10):
+        ad.step_cost.record(1, 0, 0.075)   # plain decode step
+        ad.step_cost.record(1, 2, 0.110)   # a 2-token verify step costs ~1.47 decodes, not 1.2
+    assert ad.step_cost.overhead(1) == pytest.approx(0.110 / 0.075 - 1 - 2 * ad.token_cost(1), abs=1e-6)
+    assert ad.best(rate, 1)[1] < cfg.min_gain  # measured: it does not
+    assert ad.step_cost.overhead(4) == 0.0  # nothing measured at batch 4: the model alone
+    assert ad.best(0.95, 1)[1] > cfg.min_gain  # high acceptance still pays despite the overhead
+
+
 def test_adaptive_off_keeps_k_fixed():
     cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False)
     ad = AdaptiveLength(cfg)
