@@ -246,6 +246,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' '
                         "(methods: ngram, draft_model with \"model\", lookahead; default: off)")
+    from loopserve.tools import PARSERS
+    from loopserve.tools.reasoning import REASONING_PARSERS
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="the model's tool-call format (default: chosen from its chat template)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think> reasoning into reasoning_content (default: off)")
     p.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
                    help="requests allowed to wait beyond --max-num-seqs before new ones get 429 "
                         f"(default: {DEFAULT_MAX_WAITING_REQUESTS})")
@@ -284,7 +290,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs))
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  served_model_name=args.served_model_name or args.model,
-                                 max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout)
+                                 max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout,
+                                 tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
     from loopserve.server.launcher import run_server
     return run_server(engine_config, server_config, log_level=args.log_level, access_log=not args.no_access_log)
 

@@ -227,3 +227,7 @@ class ServerConfig:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     # SIGTERM: stop accepting, let in-flight requests finish for at most this long, then exit.
     drain_timeout_s: float = 30.0
+    # Tool-call format of the model's output (loopserve.tools.PARSERS); None: chosen from the chat template.
+    tool_call_parser: str | None = None
+    # <think> reasoning split into reasoning_content (loopserve.tools.reasoning.REASONING_PARSERS); None: off.
+    reasoning_parser: str | None = None

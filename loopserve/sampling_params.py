@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from loopserve.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -24,8 +26,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: sampled token's logprob plus the top k
     skip_special_tokens: bool = True
+    # The output must match this grammar (JSON schema, regex, choice, EBNF/Lark): constrained decoding.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -64,6 +70,10 @@ class SamplingParams:
               "a list of non-negative token ids")
         check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
               "logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured_outputs is not None:
+            check(isinstance(self.structured_outputs, StructuredOutputsParams), "structured_outputs",
+                  "a StructuredOutputsParams or a dict of its fields")
+            self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:

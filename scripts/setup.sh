@@ -67,7 +67,7 @@ fi
 echo "setup: installing into $VENV (torch: $TORCH_REQ)"
 "${PIP[@]}" install -qq --upgrade pip
 "${PIP[@]}" install -qq "$TORCH_REQ"
-"${PIP[@]}" install -qq -e '.[test]'
+"${PIP[@]}" install -qq -e '.[test,bench]'
 
 if [ "$TORCH_REQ" = torch ] && ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
     echo "setup: warning: an NVIDIA GPU is present but the installed torch has no CUDA support" >&2

@@ -106,6 +106,8 @@ def make_llm(tiny_llama, device):
         stats = llm.stats()
         assert stats.num_running == 0 and stats.num_waiting == 0
         assert stats.num_free_blocks == stats.num_blocks, "KV blocks leaked"
+        if llm.engine._structured is not None:
+            assert not llm.engine._structured._pending, "grammar state leaked"
         spec = llm.engine.spec
         if spec is not None:
             assert not spec.states, "adaptive state leaked"

@@ -18,8 +18,12 @@ from loopserve.runner.sampler import SampledToken, Sampler
 from loopserve.sampling_params import SamplingParams
 from loopserve.spec.decoder import SpecDecoder
 from loopserve.spec.metrics import SpecDecodeStats
+from loopserve.structured.manager import StructuredOutputManager
 
 log = logging.getLogger(__name__)
+
+# How long an otherwise idle step waits for a compiling grammar before returning to the loop.
+GRAMMAR_POLL_S = 0.005
 
 
 @dataclass
@@ -106,6 +110,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
                                   self.device, self.dtype, self.sampler)
         self.requests: dict[str, Request] = {}
+        self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None
         if config.speculative is not None:
             self.spec = SpecDecoder.build(config.speculative, self)
@@ -113,6 +118,17 @@ class EngineCore:
                      config.speculative.num_speculative_tokens)
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
                  self.model_path, self.device, self.dtype, num_blocks, cache.block_size, self.max_model_len)
+
+    @property
+    def structured(self) -> StructuredOutputManager:
+        """Grammar compiler and masks; created (tokenizer loaded on a worker thread) on first use."""
+        if self._structured is None:
+            from loopserve.model.tokenizer import load_tokenizer
+            path = self.model_path
+            self._structured = StructuredOutputManager(lambda: load_tokenizer(path), self.model_config.vocab_size,
+                                                       self.eos_token_ids)
+            self.runner.structured = self._structured
+        return self._structured
 
     def add_request(self, er: EngineRequest) -> None:
         n = len(er.prompt_token_ids)
@@ -134,6 +150,8 @@ class EngineCore:
         req = Request(er.request_id, er.prompt_token_ids, er.params, self.max_model_len, self.eos_token_ids,
                       cache_salt=er.cache_salt, generator=gen, wait_for=sibling)
         req.timings.arrival = er.arrival_time
+        if er.params.structured_outputs is not None:
+            req.grammar = self.structured.grammar_for(er.request_id, er.params.structured_outputs)
         self.requests[er.request_id] = req
         self.scheduler.add(req)
 
@@ -147,6 +165,8 @@ class EngineCore:
             if req is not None:
                 req.stop_reason = stop_reason if stop_reason is not None else req.stop_reason
                 self.scheduler.finish(req, status)
+                if req.grammar is not None:
+                    self._structured.forget(rid)
                 if self.spec is not None:
                     self.spec.release(rid)
 
@@ -154,21 +174,32 @@ class EngineCore:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[EngineOutput]:
+        failed: list[EngineOutput] = []
+        if self._structured is not None:
+            failed = self._fail_grammars()
         spec = self.spec
+        t0 = time.perf_counter()
         draft_probs = spec.propose(self.scheduler.running) if spec is not None else {}
         sched = self.scheduler.schedule()
         if spec is not None:
             for rid in sched.preempted:
                 spec.release(rid)
         if sched.empty:
-            return []
+            if self._structured is not None and not failed:
+                self._structured.wait_pending(GRAMMAR_POLL_S)  # only grammars are left to wait for
+            return failed
         result = self.runner.execute(sched, draft_probs, want_predictions=spec is not None and spec.wants_predictions)
         if spec is not None:
             spec.observe(sched, result.sampled, result.predictions)
+            spec.record_step(sched, time.perf_counter() - t0)
+        for rid, toks in result.sampled.items():
+            grammar = self.requests[rid].grammar
+            if grammar is not None:
+                grammar.accept([t.token_id for t in toks])
         before = {rid: self.requests[rid].num_output_tokens for rid in result.sampled}
         finished = {r.request_id for r in self.scheduler.update(
             sched, {k: [t.token_id for t in v] for k, v in result.sampled.items()})}
-        outputs = []
+        outputs = failed
         now = time.monotonic()
         for rid, toks in result.sampled.items():
             req = self.requests[rid]
@@ -189,6 +220,19 @@ class EngineCore:
                 if spec is not None:
                     spec.release(rid)
             outputs.append(out)
+        return outputs
+
+    def _fail_grammars(self) -> list[EngineOutput]:
+        """Requests whose grammar did not compile end as aborted, with the reason as stop_reason."""
+        outputs = []
+        for rid, reason in self._structured.failed():
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            log.warning("request %s: %s", rid, reason)
+            self.finish([rid], RequestStatus.FINISHED_ABORTED, reason)
+            outputs.append(EngineOutput(rid, [], None, finish_reason=RequestStatus.FINISHED_ABORTED.value,
+                                        stop_reason=reason, num_prompt_tokens=req.num_prompt_tokens))
         return outputs
 
     def stats(self) -> EngineStats:

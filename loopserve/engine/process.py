@@ -41,6 +41,7 @@ def run_engine(config: EngineConfig, input_addr: str, output_addr: str, log_leve
         return
     send(EngineReady(str(core.model_path), core.model_config, core.max_model_len, core.kv.num_blocks,
                      core.kv.block_size, str(core.dtype).removeprefix("torch."), str(core.device)))
+    core.structured  # start loading the grammar backend now, so the first constrained request finds it ready
     try:
         _loop(core, inbox, send)
     except Exception:  # noqa: BLE001

@@ -64,6 +64,7 @@ class Request:
         self.timings = RequestTimings()
         self.block_hashes: list[bytes] = []  # hashes of this request's full blocks, in order
         self.spec_token_ids: list[int] = []  # this step's proposal (speculative decoding), else empty
+        self.grammar = None  # RequestGrammar when the output is constrained (loopserve/structured)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -112,8 +112,9 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.wait_for is not None and not self._sibling_ready(req.wait_for):
-                skipped.append(self.waiting.popleft())
+            if ((req.wait_for is not None and not self._sibling_ready(req.wait_for))
+                    or (req.grammar is not None and not req.grammar.ready)):
+                skipped.append(self.waiting.popleft())  # waits without holding up the queue
                 continue
             hits = self.kv.find_cached_prefix(req)
             num_hit = len(hits) * self.kv.block_size

@@ -34,6 +34,7 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.backend = TorchPagedAttention()
+        self.structured = None  # StructuredOutputManager, set by the engine when a request is constrained
         shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
                                   torch.zeros(shape, dtype=dtype, device=device))
@@ -91,12 +92,30 @@ class ModelRunner:
             return None, []
         return self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)]), sampling
 
+    def _start_masks(self, out: SchedulerOutput):
+        """Start filling the grammar masks of constrained rows (they fill while the forward runs)."""
+        if self.structured is None:
+            return None
+        rows, row = [], 0
+        for seq in out.seqs:
+            if not seq.samples:
+                continue
+            if seq.request.grammar is not None:
+                rows.append((row + seq.num_spec_tokens, seq.request.grammar))
+            row += seq.num_spec_tokens + 1
+        if not rows:
+            return None
+        return self.structured.start_masks(rows, row), [r for r, _ in rows]
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None,
                 want_predictions: bool = False) -> RunnerOutput:
+        masks = self._start_masks(out)
         logits, sampling = self.forward_logits(out)
         if logits is None:
             return RunnerOutput({})
+        if masks is not None:
+            self.structured.apply_masks(logits, *masks)
         if any(s.num_spec_tokens for s in sampling):
             from loopserve.spec.verify import verify
             sampled, predictions = verify(self.sampler, logits, sampling, draft_probs or {}, want_predictions)

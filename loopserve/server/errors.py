@@ -59,7 +59,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-_FIELD_IN_MESSAGE = re.compile(r"^([a-z_]+) must\b")
+_FIELD_IN_MESSAGE = re.compile(r"^([a-z_]+) (?:must|is invalid|has)\b")
 
 
 def from_value_error(e: Exception, default_param: str | None = None) -> APIError:

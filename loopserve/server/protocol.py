@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loopserve.sampling_params import Logprob, SamplingParams
+from loopserve.structured import StructuredOutputsParams
 
 # Seeds go to torch.Generator.manual_seed (64-bit); sample i of n uses seed + i.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1 - 128
@@ -85,12 +86,62 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    # Constrained decoding: OpenAI's response_format, and vLLM's extensions (structured_outputs and
+    # the older guided_* fields), so clients written for either carry over.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def structured_params(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The output constraint the request asks for, and the field it came from (for errors).
+        Raises ValueError (message starts with the field) when it is malformed or more than one is given."""
+        asked: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise ValueError("response_format must have json_schema: {name, schema, strict} with schema "
+                                     "an object")
+                # A missing schema means any JSON object (OpenAI requires one; be lenient like vLLM).
+                asked.append(("response_format", {"json": spec.get("schema") or {"type": "object"}}))
+            elif kind != "text":
+                raise ValueError(f"response_format must have type 'text', 'json_object' or 'json_schema', "
+                                 f"got {kind!r}")
+        if self.structured_outputs is not None:
+            fields = {k: v for k, v in self.structured_outputs.items() if v is not None and v is not False}
+            asked.append(("structured_outputs", fields))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((name, {key: value}))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise ValueError(f"{asked[0][0]} must be the only output constraint, but "
+                             f"{', '.join(a for a, _ in asked[1:])} was given too")
+        field, kwargs = asked[0]
+        try:
+            params = StructuredOutputsParams(**kwargs)
+            params.validate()
+        except TypeError as e:
+            raise ValueError(f"{field} has an unknown key: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{field} is invalid: {e}") from None
+        return params, field
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Build (and so validate) the SamplingParams; raises ValueError naming the field."""
@@ -107,7 +158,8 @@ class _SamplingRequest(_Strict):
             presence_penalty=pick(self.presence_penalty, 0.0), frequency_penalty=pick(self.frequency_penalty, 0.0),
             seed=self.seed, max_tokens=max_tokens, min_tokens=pick(self.min_tokens, 0), stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=bool(self.ignore_eos), logprobs=logprobs,
-            skip_special_tokens=pick(self.skip_special_tokens, True))
+            skip_special_tokens=pick(self.skip_special_tokens, True),
+            structured_outputs=self.structured_params()[0])
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -117,7 +169,6 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
-    # Accepted for compatibility; tool calling is not implemented yet.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -19,6 +19,8 @@ from loopserve.engine.output_processor import StreamUpdate
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
 from loopserve.server.protocol import ChatMessage, usage
+from loopserve.server.tooling import ToolPlan, render_conversation
+from loopserve.tools import detect_parser, get_parser, template_renders_tools
 
 log = logging.getLogger("loopserve.server")
 
@@ -90,13 +92,24 @@ class ServerState:
         except Exception as e:  # noqa: BLE001
             raise bad_request(f"cannot tokenize the {param}: {e}", param=param) from None
 
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @property
+    def tool_parser_name(self) -> str:
+        return self.config.tool_call_parser or detect_parser(self.chat_template)
+
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template_kwargs: dict | None = None, tools: list | None = None) -> tuple[str, list[int]]:
+                    template_kwargs: dict | None = None, plan: ToolPlan | None = None) -> tuple[str, list[int]]:
         if not messages:
             raise bad_request("messages must be a non-empty list", param="messages")
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.chat_template:
             raise bad_request("this model has no chat template; use /v1/completions", param="messages")
-        conversation = [m.to_template(i) for i, m in enumerate(messages)]
+        conversation, tools = render_conversation(messages, plan or ToolPlan("none"),
+                                                  get_parser(self.tool_parser_name),
+                                                  template_renders_tools(self.chat_template))
         kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
         if tools:
             kwargs["tools"] = tools

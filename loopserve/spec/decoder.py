@@ -5,6 +5,8 @@
                        request by AdaptiveLength; nothing at all when too many requests are decoding.
     observe(sched, r)  after the verify forward, before Scheduler.update appends the tokens:
                        metrics, acceptance for AdaptiveLength, trajectories for lookahead.
+    record_step(s, t)  the step's wall time (proposing included), for AdaptiveLength's measured
+                       overhead of speculating steps.
     release(id)        a request finished, was aborted or preempted: drop its proposer state.
 """
 from __future__ import annotations
@@ -50,8 +52,10 @@ class SpecDecoder:
 
     def propose(self, running: list[Request]) -> dict[str, torch.Tensor]:
         """Set spec_token_ids on running requests; returns the draft distributions (draft model, sampling)."""
+        # Constrained requests do not speculate: a proposal would need the grammar's mask at every position.
         decoding = [r for r in running
-                    if r.status is RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1]
+                    if r.status is RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1
+                    and r.grammar is None]
         if not decoding:
             return {}
         if len(decoding) > self.cfg.disable_by_batch_size:
@@ -96,6 +100,12 @@ class SpecDecoder:
             if st is not None:
                 self.adaptive.observe(st, k, accepted)
             self.proposer.observe(req, req.spec_token_ids[:k], emitted, predictions.get(req.request_id))
+
+    def record_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        # Only pure-decode steps compare: a prefill chunk in the step would dwarf the verify tokens.
+        if any(s.num_new_tokens != 1 + s.num_spec_tokens for s in sched.seqs):
+            return
+        self.adaptive.step_cost.record(len(sched.seqs), sum(s.num_spec_tokens for s in sched.seqs), seconds)
 
     def release(self, request_id: str) -> None:
         self.states.pop(request_id, None)
