@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
-# One prepared GPU run: GPU tests, the weight-streaming floor, loopserve's engine and transformers'
-# eager generate on dummy Llama-3.1-8B and SmolLM2-135M shapes. Results: $OUT/gpu.jsonl (or ./gpu.jsonl).
+# One prepared GPU run (< 8 min): GPU tests (Triton kernels, CUDA graphs, engine), the weight-streaming
+# floor, loopserve's engine (Triton + CUDA graphs; torch eager as the old path), saturation throughput,
+# and transformers' eager generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
+# Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-.}/gpu.jsonl"
 : > "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+B8=bench/configs/llama-3.1-8b.json
+B135=bench/configs/smollm2-135m.json
+g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
 echo "== GPU tests"
-timeout 100 python -m pytest -q -x -p no:cacheprovider --device cuda tests/engine \
-  2>&1 | tail -5
-
-for cfg in bench/configs/llama-3.1-8b.json bench/configs/smollm2-135m.json; do
-  echo "== $cfg"
-  timeout 60 python -m bench.gpu_decode floor --config "$cfg" --out "$out"
-  timeout 60 python -m bench.gpu_decode floor --config "$cfg" --batch 32 --out "$out"
-  timeout 120 python -m bench.gpu_decode engine --config "$cfg" --out "$out"
-  timeout 90 python -m bench.gpu_decode hf --config "$cfg" --output-len 32 --out "$out"
-done
+timeout 110 python -m pytest -q -x -p no:cacheprovider --device cuda tests/attention tests/engine/test_engine.py \
+  2>&1 | tail -6
+echo "== 8B"
+g 100 engine --config $B8
+g 40 floor --config $B8
+echo "== 135M"
+g 60 engine --config $B135
+g 30 floor --config $B135
+echo "== 8B saturation"
+g 70 throughput --config $B8 --workload sharegpt --seconds 20
+g 70 throughput --config $B8 --workload random1000 --seconds 20
+echo "== baselines: transformers eager, loopserve torch eager"
+g 80 hf --config $B8 --output-len 32
+g 40 hf --config $B135 --output-len 32
+g 80 engine --config $B8 --attention-backend torch --enforce-eager
 echo "== summary"
 python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
-    keys = [k for k in ("batch", "ms_per_step", "decode_tok_s", "achieved_gb_s", "ttft_s", "ttft_long_cold_s",
-                        "ttft_long_cached_plus_256_s") if r.get(k) is not None]
-    print(r["config"], r["mode"], " ".join(f"{k}={r[k]:.4g}" for k in keys))
+    keys = [k for k in ("backend", "cuda_graphs", "batch", "ms_per_step", "decode_tok_s", "output_tok_s",
+                        "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
+                        "ttft_long_cached_plus_256_s", "startup_s") if r.get(k) is not None]
+    print(r["config"], r["mode"], " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                                        for k in keys))
 PY

@@ -3,6 +3,7 @@
   python -m bench.gpu_decode floor --config bench/configs/llama-3.1-8b.json
   python -m bench.gpu_decode engine --config bench/configs/llama-3.1-8b.json
   python -m bench.gpu_decode hf --config bench/configs/llama-3.1-8b.json
+  python -m bench.gpu_decode throughput --config bench/configs/llama-3.1-8b.json --workload sharegpt
 
 Each mode prints one JSON line (and appends it to --out when given), so bench/gpu_check.sh can run
 them as separate processes that do not share GPU memory.
@@ -69,15 +70,26 @@ def floor(cfg, batch: int) -> dict:
             "achieved_gb_s": nbytes / 1e9 / (ms / 1e3), "tok_s": batch * 1e3 / ms}
 
 
-def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str) -> dict:
-    from loopserve.engine.core import EngineCore, EngineRequest
+def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
+          kv_cache_bytes: int | None):
+    from loopserve.engine.core import EngineCore
+
+    return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
+                                   max_model_len=min(cfg.max_position_embeddings, 16384),
+                                   cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
+                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
+                                                             long_prefill_token_threshold=8192),
+                                   attention_backend=backend, enforce_eager=eager))
+
+
+def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
+           eager: bool) -> dict:
+    from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
-    core = EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
-                                   max_model_len=min(cfg.max_position_embeddings, 16384),
-                                   cache=CacheConfig(kv_cache_bytes=8 << 30),
-                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192,
-                                                             long_prefill_token_threshold=8192)))
+    t_start = time.perf_counter()
+    core = _core(config_dir, cfg, device, backend, eager, 16, 8 << 30)
+    startup = time.perf_counter() - t_start
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -103,15 +115,68 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
         return first - t0, (n - 1) / (end - first) if n > 1 else None
 
     run("warm", prompt(64), 8)
+    first_ttft, _ = run("first", prompt(prompt_len), 2)  # a new prompt length: any per-shape setup shows here
     ttft, tok_s = run("b1", prompt(prompt_len), out_len)
     long_len = min(long_len, core.max_model_len - 257)
+    run("warm_long", prompt(long_len), 1)  # the long shapes once, so the timed runs are steady-state
+    run("warm_long_cached", prompt(long_len - 256) + prompt(256), 1)
     long_prompt = prompt(long_len)
     cold_ttft, _ = run("cold8k", long_prompt, 1)
     cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
-    return {"mode": "engine", "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
+    return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
+            "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
+            "ttft_first_shape_s": first_ttft,
             "achieved_gb_s": weight_bytes / 1e9 * tok_s, "long_prompt_len": long_len, "ttft_long_cold_s": cold_ttft,
             "ttft_long_cached_plus_256_s": cached_ttft, "prefix_hit_tokens": core.kv.stats.hit_tokens}
+
+
+def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
+               eager: bool) -> dict:
+    """Saturation: more requests than fit are queued at once; output tokens per second over `seconds`
+    of stepping (after a warm-up), as many requests as the time allows."""
+    import random
+
+    from loopserve.engine.core import EngineRequest
+    from loopserve.sampling_params import SamplingParams
+
+    core = _core(config_dir, cfg, device, backend, eager, 256, None)
+    rng = random.Random(0)
+    vocab = cfg.vocab_size
+
+    def lengths() -> tuple[int, int]:
+        if workload == "sharegpt":  # ShareGPT-like synthetic lengths
+            return rng.randint(64, 1024), rng.randint(64, 512)
+        return 1000, 1000
+
+    def add(i: int) -> None:
+        p, o = lengths()
+        ids = [rng.randrange(100, vocab - 1) for _ in range(p)]
+        core.add_request(EngineRequest(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)))
+
+    n = 0
+    for _ in range(512):
+        add(n)
+        n += 1
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    t_warm = time.perf_counter() + 5.0
+    while time.perf_counter() < t_warm:
+        core.step()
+    sync()
+    t0 = time.perf_counter()
+    out_tokens = finished = 0
+    while time.perf_counter() - t0 < seconds:
+        for o in core.step():
+            out_tokens += len(o.new_token_ids)
+            if o.finish_reason:
+                finished += 1
+                add(n)  # keep the queue full
+                n += 1
+    sync()
+    dt = time.perf_counter() - t0
+    return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name,
+            "cuda_graphs": core.runner.graphs is not None, "output_tok_s": out_tokens / dt,
+            "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks}
 
 
 def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
@@ -137,7 +202,11 @@ def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["floor", "engine", "hf"])
+    ap.add_argument("mode", choices=["floor", "engine", "hf", "throughput"])
+    ap.add_argument("--workload", choices=["sharegpt", "random1000"], default="sharegpt")
+    ap.add_argument("--seconds", type=float, default=30.0, help="throughput: measured stepping time")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -152,7 +221,11 @@ def main(argv=None) -> None:
     if args.mode == "floor":
         res = floor(cfg, args.batch)
     elif args.mode == "engine":
-        res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device)
+        res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
+                     args.attention_backend, args.enforce_eager)
+    elif args.mode == "throughput":
+        res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
+                         args.enforce_eager)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
     res.update(config=args.config.name,

@@ -259,6 +259,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds in-flight requests get to finish "
                         f"(default: {ServerConfig.drain_timeout_s:g})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="paged attention kernels (default: auto = Triton on CUDA, torch on CPU)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -282,7 +285,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         speculative = _speculative_config(args.speculative_config)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    engine_config = EngineConfig(speculative=speculative,
+    engine_config = EngineConfig(speculative=speculative, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,

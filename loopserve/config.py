@@ -210,7 +210,15 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None  # `SpeculativeConfig.from_dict(json)` for a CLI flag
+    attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    # Decode steps replay CUDA graphs captured for DEFAULT_CUDA_GRAPH_BATCH_SIZES (up to max_num_seqs);
+    # True runs every step eagerly (as vLLM's --enforce-eager).
+    enforce_eager: bool = False
 
+
+# Batch sizes captured as CUDA graphs for decode steps; a batch runs in the smallest graph that fits it
+# (padding rows write to a scratch KV block). Larger batches run eagerly.
+DEFAULT_CUDA_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

@@ -28,7 +28,8 @@ class LLM:
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  long_prefill_token_threshold: int | None = None,
-                 speculative_config: dict | SpeculativeConfig | None = None) -> None:
+                 speculative_config: dict | SpeculativeConfig | None = None,
+                 attention_backend: str = "auto", enforce_eager: bool = False) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -39,7 +40,8 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       long_prefill_token_threshold=long_prefill_token_threshold),
-            speculative=SpeculativeConfig.from_dict(speculative_config))
+            speculative=SpeculativeConfig.from_dict(speculative_config),
+            attention_backend=attention_backend, enforce_eager=enforce_eager)
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)

@@ -30,6 +30,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor          # [B, max_blocks] long, padded with 0
     decode_indices: list[int]           # sequences with exactly one new token (batched together)
     prefill_indices: list[int]          # sequences with several new tokens
+    # Device copies of the layout, for kernels that read it on the GPU (Triton backend, CUDA graphs);
+    # None for backends that loop on the host.
+    query_start_loc_t: torch.Tensor | None = None  # [B+1] int32
+    seq_lens_t: torch.Tensor | None = None         # [B] int32
+    max_query_len: int = 0
     # Tensors a backend derives from the fields above on the first layer and reuses on the others.
     derived: dict = field(default_factory=dict)
 

@@ -18,6 +18,7 @@ SHORT_QUERY = 16
 
 class TorchPagedAttention:
     name = "torch"
+    needs_device_layout = False
 
     @staticmethod
     def write_kv(cache: KVCache, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
-                              default_device, resolve_dtype)
+from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_GRAPH_BATCH_SIZES, CacheConfig, EngineConfig,
+                              ModelConfig, SchedulerConfig, default_device, resolve_dtype)
 from loopserve.engine.kv_cache import KVCacheManager
 from loopserve.engine.request import Request, RequestStatus
 from loopserve.engine.scheduler import Scheduler
@@ -107,8 +107,11 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
+        graph_sizes = [] if config.enforce_eager else [
+            b for b in DEFAULT_CUDA_GRAPH_BATCH_SIZES if b < sched_cfg.max_num_seqs] + [sched_cfg.max_num_seqs]
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
-                                  self.device, self.dtype, self.sampler)
+                                  self.device, self.dtype, self.sampler, attention_backend=config.attention_backend,
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None

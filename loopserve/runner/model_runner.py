@@ -1,12 +1,13 @@
 """Model runner: turns a SchedulerOutput into one forward pass over the paged cache, then samples."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
-from loopserve.attention.torch_ref import TorchPagedAttention
+from loopserve.attention.triton_backend import make_backend
 from loopserve.config import ModelConfig
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.runner.sampler import SampledToken, Sampler, SamplingRow
@@ -25,20 +26,39 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
 
 
+def _sdpa_without_cudnn(device: torch.device):
+    """On CUDA, SDPA may pick cuDNN attention, which builds an execution plan for every new shape
+    (~0.1-1 s each, measured as a fixed per-request TTFT cost): keep it to flash / mem-efficient / math."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype, sampler: Sampler) -> None:
+                 device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
+                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
-        self.backend = TorchPagedAttention()
+        self.backend = make_backend(attention_backend, device)
         self.structured = None  # StructuredOutputManager, set by the engine when a request is constrained
-        shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        use_graphs = bool(cuda_graph_sizes) and device.type == "cuda" and self.backend.needs_device_layout
+        # With graphs, one block past the pool is the scratch block padding rows write to.
+        shape = (num_blocks + int(use_graphs), block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
                                   torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(model_config.num_layers)]
+        self.graphs = None
+        if use_graphs:
+            from loopserve.runner.cuda_graphs import DecodeGraphs
+            max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
+                                       scratch_block=num_blocks, device=device)
+            self.graphs.capture()
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -76,6 +96,10 @@ class ModelRunner:
             query_start_loc=query_start_loc, seq_lens=seq_lens,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=tables.to(dev), decode_indices=decode_idx, prefill_indices=prefill_idx)
+        if self.backend.needs_device_layout:
+            meta.query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
+            meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            meta.max_query_len = max(b - a for a, b in zip(query_start_loc, query_start_loc[1:]))
         return (torch.tensor(token_ids, dtype=torch.long, device=dev),
                 torch.tensor(positions, dtype=torch.long, device=dev), meta, logits_rows)
 
@@ -86,8 +110,14 @@ class ModelRunner:
         if out.empty:
             return None, []
         input_ids, positions, meta, logits_rows = self._prepare(out)
-        hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
         sampling = [s for s in out.seqs if s.samples]
+        if (self.graphs is not None and not meta.prefill_indices and len(sampling) == len(out.seqs)
+                and self.graphs.fits(len(out.seqs), meta.block_tables.shape[1])):
+            # Pure decode, every sequence sampled: rows are the logits rows, in order.
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
+                                   meta.seq_lens_t), sampling
+        with _sdpa_without_cudnn(self.device):
+            hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
         if not sampling:
             return None, []
         return self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)]), sampling

@@ -1,0 +1,46 @@
+"""Paged attention with Triton kernels: the GPU path (the torch reference stays the CPU path and fallback).
+
+One launch per layer whatever the batch holds: a batch of pure decodes goes to the split-K decode
+kernel (long contexts use the whole GPU at batch 1), anything else (prefill chunks, prefix-cache
+extends, decodes mixed in, speculative verify passes) to the extend kernel, which handles variable
+query lengths over a cached prefix causally. Both read keys from the paged pool through the block
+table, so nothing is gathered, and neither synchronises with the host: a decode step can be captured
+in a CUDA graph (runner/cuda_graphs.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from loopserve.attention.metadata import AttentionMetadata, KVCache
+from loopserve.attention.torch_ref import TorchPagedAttention
+
+
+class TritonPagedAttention:
+    name = "triton"
+    needs_device_layout = True  # the runner fills AttentionMetadata's *_t fields
+
+    write_kv = staticmethod(TorchPagedAttention.write_kv)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
+        from loopserve.attention.triton_decode import paged_decode_attention
+        from loopserve.attention.triton_extend import paged_extend_attention
+
+        self.write_kv(cache, key, value, meta.slot_mapping)
+        if not meta.prefill_indices:
+            # Pure decode: row i is sequence i's only new token.
+            return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)
+        return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
+                                      meta.seq_lens_t, meta.max_query_len, scale)
+
+
+def make_backend(name: str, device: torch.device):
+    """`auto`: Triton on CUDA, the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        return TritonPagedAttention()
+    if name == "torch":
+        return TorchPagedAttention()
+    raise ValueError(f"attention_backend must be auto, torch or triton, got {name!r}")

@@ -1,0 +1,242 @@
+"""Paged decode attention in Triton: split-K ("flash-decoding"), GQA-aware, CUDA-graph safe.
+
+One new query token per sequence attends to its whole context in the paged KV cache
+(``[num_blocks, block_size, Hkv, D]`` pools, block table row per sequence).
+
+Algorithm
+---------
+Stage 1, grid ``(B, Hkv, num_splits)``: a program owns one sequence, one KV head and one
+contiguous share of that sequence's tokens. It loads every query head of the KV head's GQA
+group as one ``[GROUP_PAD, D]`` tile (rows past the group are masked), so each K/V tile read
+from the cache serves the whole group through ``tl.dot`` instead of being re-read per query head.
+It walks its share ``BLOCK_N`` tokens at a time; a tile may straddle cache blocks, so every token's
+physical slot is looked up in the block table. Softmax is online, in fp32 and in base 2 (scores
+are pre-multiplied by ``log2(e)``), and the program writes its unnormalised partial output
+``acc [GROUP, D]`` plus ``(max, sumexp)`` per head to the workspace.
+
+Stage 2, grid ``(B, Hq)``: merges the ``num_splits`` partials of one head with the usual
+log-sum-exp rescaling and writes the result in ``out``'s dtype.
+
+Invariants
+----------
+* Shares are whole ``BLOCK_N`` chunks of the sequence's *actual* length, read on device, so the
+  launch grid depends only on shapes and ``num_splits``: the same call can be captured in a CUDA
+  graph and replayed with new ``seq_lens`` / ``block_tables`` contents. Nothing here reads a
+  tensor value on the host.
+* Every stage-1 program writes all its workspace rows on every call, including splits that got
+  no tokens (``max = -inf``, ``sumexp = 0``, ``acc = 0``), so a reused workspace never leaks stale
+  partials and empty splits weigh nothing in the merge.
+* ``seq_lens[b] <= block_tables.shape[1] * block_size`` is the caller's promise (not checked:
+  checking would need a host sync). ``seq_lens[b] == 0`` yields zeros instead of NaN, which keeps
+  padded batch slots of a captured graph harmless.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Tokens per stage-1 iteration, and the unit in which a sequence is divided among splits.
+BLOCK_N = 64
+# Upper bound of the num_splits heuristic: past this the merge and workspace traffic outweigh
+# the extra parallelism.
+MAX_SPLITS = 32
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, stat_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_btb, stride_btn,
+    stride_ab, stride_ah, stride_as, stride_ad,
+    stride_sb, stride_sh, stride_ss, stride_sk,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+
+    # Padded group rows load as zeros: their scores are finite (0), so they never produce NaN,
+    # and their results are simply not stored.
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_g[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+
+    # Divide the sequence in whole BLOCK_N chunks so no split starts mid-tile (one partial tile
+    # per sequence instead of one per split). Splits past the last chunk get an empty range.
+    seq_len = tl.load(lens_ptr + b)
+    chunks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    start = split * chunks_per_split * BLOCK_N
+    end = tl.minimum(start + chunks_per_split * BLOCK_N, seq_len)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + offs_n
+        valid = pos < end
+        # int64: num_blocks * block stride can pass 2**31 elements on large caches.
+        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn, mask=valid, other=0).to(tl.int64)
+        slot_off = pos % BLOCK_SIZE
+        k = tl.load(k_ptr + blk[:, None] * stride_kb + slot_off[:, None] * stride_ks
+                    + kvh * stride_kh + offs_d[None, :] * stride_kd,
+                    mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptr + blk[:, None] * stride_vb + slot_off[:, None] * stride_vs
+                    + kvh * stride_vh + offs_d[None, :] * stride_vd,
+                    mask=valid[:, None], other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # Every iteration holds at least one valid token, so m_new is finite and
+        # exp2(-inf - m_new) = 0 takes care of the first iteration and of masked tokens.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    a_ptrs = (acc_ptr + b * stride_ab + heads[:, None] * stride_ah + split * stride_as
+              + offs_d[None, :] * stride_ad)
+    tl.store(a_ptrs, acc, mask=mask_g[:, None])
+    s_ptrs = stat_ptr + b * stride_sb + heads * stride_sh + split * stride_ss
+    tl.store(s_ptrs, m_i, mask=mask_g)
+    tl.store(s_ptrs + stride_sk, l_i, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    acc_ptr, stat_ptr, out_ptr, num_splits,
+    stride_ab, stride_ah, stride_as, stride_ad,
+    stride_sb, stride_sh, stride_ss, stride_sk,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLIT_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+
+    s_ptrs = stat_ptr + b * stride_sb + h * stride_sh + offs_s * stride_ss
+    m = tl.load(s_ptrs, mask=mask_s, other=float("-inf"))
+    l = tl.load(s_ptrs + stride_sk, mask=mask_s, other=0.0)
+    acc = tl.load(acc_ptr + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
+                  + offs_d[None, :] * stride_ad, mask=mask_s[:, None], other=0.0)
+
+    m_max = tl.max(m, 0)
+    # An empty sequence has every max at -inf: shift by 0 instead so -inf - -inf (NaN) never
+    # happens. Empty splits get weight exp2(-inf) = 0 either way.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    o = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+             o.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM: the CPU/interpreter path just mirrors the main target
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                      num_sms: int = 132) -> int:
+    """Splits per (sequence, kv head): about two stage-1 programs per SM, never more splits than
+    BLOCK_N chunks in the block table's span (so never more than its blocks), at most MAX_SPLITS.
+
+    Uses host ints only (shapes), so the choice is fixed for a captured graph.
+    """
+    chunks = max(1, math.ceil(max_blocks * block_size / BLOCK_N))
+    want = math.ceil(2 * num_sms / max(1, batch * num_kv_heads))
+    return max(1, min(want, chunks, max_blocks, MAX_SPLITS))
+
+
+def decode_workspace(batch: int, num_q_heads: int, head_dim: int, num_splits: int,
+                     device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials for stage 1 -> stage 2: acc [B, Hq, S, D] fp32 and (max, sumexp) [B, Hq, S, 2] fp32.
+
+    Allocate once and pass to every call (e.g. of a captured graph); no zeroing is needed.
+    """
+    acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+    stats = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=device)
+    return acc, stats
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
+                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """softmax(q K^T * scale) V over each sequence's paged context; q [B, Hq, D] -> [B, Hq, D].
+
+    num_splits None: taken from `workspace` when given, else `choose_num_splits`. A workspace may
+    have more splits and a larger batch than the call uses.
+    """
+    assert q.dim() == 3 and k_cache.dim() == 4, "q [B, Hq, D], caches [num_blocks, block_size, Hkv, D]"
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+    assert cache_dim == head_dim, f"q head dim {head_dim} != cache head dim {cache_dim}"
+    assert head_dim in (16, 32, 64, 128), f"head_dim must be 16, 32, 64 or 128, got {head_dim}"
+    assert num_q_heads % num_kv_heads == 0, f"{num_q_heads} query heads over {num_kv_heads} kv heads"
+    assert q.dtype in _SUPPORTED_DTYPES and k_cache.dtype in _SUPPORTED_DTYPES
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch
+    assert block_tables.dtype in (torch.int32, torch.int64)
+    assert seq_lens.shape == (batch,) and seq_lens.dtype in (torch.int32, torch.int64)
+    group = num_q_heads // num_kv_heads
+
+    if num_splits is None:
+        num_splits = (workspace[0].shape[2] if workspace is not None
+                      else choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
+                                             _num_sms(q.device)))
+    assert num_splits >= 1
+    if workspace is None:
+        workspace = decode_workspace(batch, num_q_heads, head_dim, num_splits, q.device)
+    ws_acc, ws_stat = workspace
+    assert ws_acc.dtype == torch.float32 and ws_stat.dtype == torch.float32
+    assert (ws_acc.shape[0] >= batch and ws_acc.shape[1] == num_q_heads
+            and ws_acc.shape[2] >= num_splits and ws_acc.shape[3] == head_dim), "workspace too small"
+    assert ws_stat.shape[:3] == ws_acc.shape[:3] and ws_stat.shape[3] == 2
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape
+
+    # fp32 inputs: plain fp32 products (tl.dot would otherwise round them to TF32 on tensor cores).
+    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, ws_acc, ws_stat,
+        scale * _LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
+        *ws_acc.stride(), *ws_stat.stride(),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
+        num_warps=4,
+    )
+    _decode_merge_kernel[(batch, num_q_heads)](
+        ws_acc, ws_stat, out, num_splits,
+        *ws_acc.stride(), *ws_stat.stride(), *out.stride(),
+        HEAD_DIM=head_dim, SPLIT_PAD=max(2, triton.next_power_of_2(num_splits)),  # no size-1 aranges
+        num_warps=4,
+    )
+    return out

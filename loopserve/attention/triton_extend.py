@@ -1,0 +1,203 @@
+"""Paged prefill/extend attention in Triton: one launch for a whole batch of variable-length chunks.
+
+Layout. The batch's new tokens are packed: sequence b owns query rows query_start_loc[b] ..
+query_start_loc[b+1]-1, and its n_new tokens sit at absolute positions seq_lens[b] - n_new ..
+seq_lens[b] - 1. Their K/V have already been written into the paged cache
+([num_blocks, block_size, Hkv, D]), so every key -- cached prefix and new alike -- is read from the
+cache through the block table: position p lives in block block_tables[b, p // block_size] at offset
+p % block_size. Pure prefills (n_new == seq_len), extends over a cached prefix and single-token rows
+are all the same case to the kernel.
+
+Grid (B, Hq, cdiv(max_query_len, BLOCK_M)). A program takes BLOCK_M query rows of one sequence and
+one query head (GQA: kv head = h // (Hq // Hkv)); tiles past its sequence's new tokens exit at once.
+It walks key tiles of BLOCK_N positions from 0 up to the causal limit of its last row, gathering each
+key's slot from the block table (a tile may span several cache blocks, or sit inside one), and keeps
+an online softmax in fp32 (running max m, running sum l, unnormalised accumulator). The key range
+splits in two loops:
+  * [0, full_end): every key is <= the tile's first row position, so every row sees every key and
+    no mask is needed (the bulk of the work for long prefixes);
+  * [full_end, last row position]: the diagonal, masked causally by absolute position and by
+    seq_len (slots past seq_len in a sequence's last block may hold garbage, even NaN, so they are
+    never loaded).
+Tiles beyond the last row's position are never visited.
+
+Invariants: key 0 is visible to every row (valid or padding) and is in the first tile visited, so the
+running max is finite after the first tile and exp(-inf - -inf) never occurs; padding rows (past
+n_new) compute harmless finite values and are not stored. No host synchronisation: all lengths are
+read on the device, the only host ints are shapes and max_query_len, so the call can be captured in a
+CUDA graph.
+
+Why one query head per program rather than packing a GQA group into the M dimension: prefill/extend
+is compute-bound once BLOCK_M rows share each K/V tile, so packing heads mostly saves L2 traffic,
+while it would complicate masking (rows of one tile at different positions) and waste rows when the
+group size is not a power of two (e.g. 6). Sibling heads read the same K/V tiles at about the same
+time, so L2 absorbs most of the repeat reads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len, qk_scale,
+                 stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_seq = offs_n < seq_len
+        # The block table row may be shorter than the tile reaches, so masked columns read nothing.
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=in_seq, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    within = (offs_n % BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_base + (blk * stride_kb + within * stride_ks)[:, None] + offs_d[None, :]
+    v_ptrs = v_base + (blk * stride_vb + within * stride_vs)[:, None] + offs_d[None, :]
+    if MASKED:
+        # Unwritten slots past seq_len may hold NaN; 0 * NaN in p @ v would poison the row.
+        k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale      # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        keep = (offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _extend_kernel(Q, K, V, O, BT, QSL, SL, qk_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                   GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    # Reverse the tile order: the last tiles of a sequence see the most keys, and starting them first
+    # shortens the tail of the launch.
+    mt = tl.num_programs(2) - 1 - tl.program_id(2)
+
+    q_start = tl.load(QSL + b)
+    n_new = tl.load(QSL + b + 1) - q_start
+    if mt * BLOCK_M >= n_new:
+        return
+    seq_len = tl.load(SL + b)
+    prefix = seq_len - n_new
+
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < n_new
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = prefix + offs_m
+
+    kvh = (h // GROUP).to(tl.int64)
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    bt_row = BT + b.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    first_pos = prefix + mt * BLOCK_M
+    last_pos = prefix + tl.minimum((mt + 1) * BLOCK_M, n_new) - 1
+    # Keys below full_end are visible to every row of the tile (and all < seq_len): no mask.
+    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len, qk_scale,
+                                     stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
+                                     BLOCK_SIZE, BLOCK_N, False, DOT_PREC)
+    for start in range(full_end, last_pos + 1, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len, qk_scale,
+                                     stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
+                                     BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
+
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if device.type != "cuda":
+        # Interpreter: small tiles keep the numpy emulation fast; BLOCK_N = 8 sits between the
+        # tested cache block sizes (4 and 16), so tiles both span several blocks and sit inside one.
+        return 16, 8, 1, 1
+    if dtype == torch.float32:
+        # fp32 tiles are twice the bytes; keep K/V stages within shared memory and registers in check.
+        return 32, 32, 4, 2
+    if head_dim >= 128:
+        return 64, 64, 4, 2
+    return 64, 64, 4, 3
+
+
+def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
+            block_m, block_n, num_warps, num_stages):
+    Hq, D = q.shape[1], q.shape[2]
+    B = seq_lens.shape[0]
+    Hkv = k_cache.shape[2]
+    grid = (B, Hq, triton.cdiv(max_query_len, block_m))
+    _extend_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=Hq // Hkv, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def paged_extend_attention(q: torch.Tensor,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor,
+                           query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor,
+                           max_query_len: int,
+                           scale: float,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of packed new tokens over their sequences' paged caches.
+
+    q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding the new tokens'
+    K/V; block_tables [B, max_blocks] (int32 or int64); query_start_loc [B+1] int32; seq_lens [B]
+    int32 (cached prefix + new); max_query_len: host int >= every sequence's new-token count.
+    Returns out [T, Hq, D] in q's dtype (written in place when given).
+    """
+    assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    assert k_cache.shape[3] == D, "head_dim of q and cache differ"
+    assert D in (16, 32, 64, 128), f"head_dim must be a power of two in 16..128, got {D}"
+    assert Hq % Hkv == 0, f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})"
+    assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {q.dtype}"
+    assert k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "q and cache dtypes differ"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1, "block_tables must be [B, max_blocks], row-contiguous"
+    assert query_start_loc.shape[0] == seq_lens.shape[0] + 1 == block_tables.shape[0] + 1, "batch sizes differ"
+    assert query_start_loc.is_contiguous() and seq_lens.is_contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "bad out"
+    if T == 0 or seq_lens.shape[0] == 0 or max_query_len <= 0:
+        return out
+    block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device)
+    return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
+                   block_m, block_n, num_warps, num_stages)

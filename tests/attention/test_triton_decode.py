@@ -1,0 +1,207 @@
+"""Triton paged decode attention (split-K, GQA) against a plain torch reference.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors, so shapes stay small.
+With CUDA the same tests run on the GPU, plus a larger bf16 shape and a real CUDA-graph replay.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported: @triton.jit reads it when the kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    pytest.skip("triton is not installed: the Triton decode kernel cannot run", allow_module_level=True)
+
+from loopserve.attention.triton_decode import (
+    BLOCK_N,
+    MAX_SPLITS,
+    choose_num_splits,
+    decode_workspace,
+    paged_decode_attention,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_case(lens, hq, hkv, d, block_size, dtype, seed, table_dtype=torch.int64, extra_cols=0,
+              device=DEVICE):
+    """Random q and paged caches; each sequence's blocks are a random, non-contiguous pick.
+
+    Every cache slot no sequence owns (unassigned blocks, the tail of a last block) holds NaN,
+    so a kernel that reads past a sequence's length or outside its blocks fails loudly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lens)
+    width = max(math.ceil(n / block_size) for n in lens) + extra_cols
+    num_blocks = batch * width + 3
+    k = torch.randn(num_blocks, block_size, hkv, d, generator=g)
+    v = torch.randn(num_blocks, block_size, hkv, d, generator=g)
+    owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(batch, width, dtype=torch.int64)      # padded with 0, like the engine's
+    used = 0
+    for b, n in enumerate(lens):
+        nblk = math.ceil(n / block_size)
+        tables[b, :nblk] = perm[used:used + nblk]
+        used += nblk
+        owned.view(-1, block_size)[tables[b, :nblk]] = (
+            torch.arange(nblk * block_size) < n).view(nblk, block_size)
+    k[~owned] = float("nan")
+    v[~owned] = float("nan")
+    q = torch.randn(batch, hq, d, generator=g)
+    return (q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), tables.to(device, table_dtype),
+            torch.tensor(lens, dtype=torch.int32, device=device))
+
+
+def paired_cases(lens_a, lens_b, hq, hkv, d, block_size, dtype, seeds):
+    """Two cases whose tensors all have the same shapes, so one can be copied over the other."""
+    need = [math.ceil(max(lens) / block_size) for lens in (lens_a, lens_b)]
+    width = max(need) + 2
+    return [make_case(lens, hq, hkv, d, block_size, dtype, seed, extra_cols=width - n)
+            for lens, n, seed in zip((lens_a, lens_b), need, seeds)]
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    """Gather each sequence's K/V through its block table, repeat KV heads, softmax attention in fp32."""
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // hkv
+    outs = []
+    for b, n in enumerate(lens.tolist()):
+        ids = tables[b, :math.ceil(n / block_size)].long()
+        k = k_cache[ids].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)   # [n, Hq, D]
+        v = v_cache[ids].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale
+        outs.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v))
+    return torch.stack(outs)
+
+
+def case_lens(batch, block_size, seed):
+    """B=3: a 1-token sequence, one exactly a multiple of block_size, a long-ish one (~200), in a
+    seeded order. B=1: one long sequence that is also an exact multiple of block_size."""
+    g = torch.Generator().manual_seed(seed)
+    if batch == 1:
+        return [block_size * math.ceil(200 / block_size)]
+    lens = [1, block_size * int(torch.randint(2, 7, (1,), generator=g)),
+            int(torch.randint(180, 221, (1,), generator=g))]
+    return [lens[i] for i in torch.randperm(3, generator=g).tolist()]
+
+
+HEADS = [(4, 4), (8, 2), (6, 1)]
+SPLITS = [None, 1, 3, "many"]
+
+
+@pytest.mark.parametrize("splits", SPLITS, ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("block_size", [4, 16], ids=lambda s: f"bs{s}")
+@pytest.mark.parametrize("d", [16, 64], ids=lambda s: f"d{s}")
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=[f"hq{a}-hkv{b}" for a, b in HEADS])
+@pytest.mark.parametrize("batch,dtype", [(3, torch.float32), (1, torch.float16)], ids=["b3-fp32", "b1-fp16"])
+def test_matches_reference(batch, dtype, hq, hkv, d, block_size, splits):
+    seed = batch * 1000 + hq * 100 + d + block_size * 7 + SPLITS.index(splits)
+    lens = case_lens(batch, block_size, seed)
+    table_dtype = torch.int64 if dtype == torch.float32 else torch.int32
+    q, k, v, tables, lens_t = make_case(lens, hq, hkv, d, block_size, dtype, seed, table_dtype)
+    if splits == "many":
+        splits = tables.shape[1] + 2            # more splits than the table has blocks
+    scale = d ** -0.5
+    out = paged_decode_attention(q, k, v, tables, lens_t, scale, num_splits=splits)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, scale), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 3, "many"], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("hq,hkv", HEADS, ids=[f"hq{a}-hkv{b}" for a, b in HEADS])
+def test_fp16_batch3(hq, hkv, splits):
+    """fp16 over the mixed batch (1 token, a block multiple, ~200) with padded table columns."""
+    lens = case_lens(3, 16, 7)
+    q, k, v, tables, lens_t = make_case(lens, hq, hkv, 64, 16, torch.float16, 7, torch.int32, extra_cols=2)
+    if splits == "many":
+        splits = tables.shape[1] + 2
+    out = paged_decode_attention(q, k, v, tables, lens_t, 0.125, num_splits=splits)
+    torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 0.125), atol=2e-3, rtol=0)
+
+
+def test_replay_with_preallocated_out_and_workspace():
+    """Graph-replay style: same out, workspace, seq_lens and block_tables tensors, new contents."""
+    hq, hkv, d, bs, splits = 8, 2, 32, 4, 5
+    lens_a, lens_b = [70, 1, 33], [9, 130, 64]
+    (q, k, v, tables, lens_t), (q2, k2, v2, tables2, lens2) = paired_cases(
+        lens_a, lens_b, hq, hkv, d, bs, torch.float32, (1, 2))
+    out = torch.empty_like(q)
+    ws = decode_workspace(3, hq, d, splits, DEVICE)
+    # num_splits comes from the workspace when not given.
+    got = paged_decode_attention(q, k, v, tables, lens_t, 0.2, out=out, workspace=ws)
+    assert got is out
+    torch.testing.assert_close(out, reference(q, k, v, tables, lens_t, 0.2), atol=1e-4, rtol=0)
+    # Refill the very same tensors in place, as a captured graph's static inputs would be.
+    q.copy_(q2), k.copy_(k2), v.copy_(v2), tables.copy_(tables2), lens_t.copy_(lens2)
+    paged_decode_attention(q, k, v, tables, lens_t, 0.2, out=out, num_splits=splits, workspace=ws)
+    torch.testing.assert_close(out, reference(q, k, v, tables, lens_t, 0.2), atol=1e-4, rtol=0)
+
+
+def test_empty_sequence_gives_zeros_not_nan():
+    """A padded batch slot with seq_len 0 (outside the API's promise) must not poison anything."""
+    q, k, v, tables, lens_t = make_case([5, 3], 4, 2, 16, 4, torch.float32, 3)
+    lens_t[1] = 0
+    out = paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[:1], reference(q[:1], k, v, tables[:1], lens_t[:1], 0.25), atol=1e-4, rtol=0)
+
+
+def test_rejects_unsupported_head_dim():
+    q, k, v, tables, lens_t = make_case([3], 2, 1, 16, 4, torch.float32, 0)
+    with pytest.raises(AssertionError, match="head_dim"):
+        paged_decode_attention(q[..., :8], k[..., :8], v[..., :8], tables, lens_t, 1.0)
+
+
+def test_num_splits_heuristic():
+    # Batch 1, long context: fills ~2 programs per SM, capped.
+    assert choose_num_splits(1, 8, 256, 16) == min(MAX_SPLITS, math.ceil(264 / 8))
+    assert choose_num_splits(1, 1, 4096, 16) == MAX_SPLITS
+    # Big batches already fill the GPU.
+    assert choose_num_splits(64, 8, 256, 16) == 1
+    # Never more splits than BLOCK_N chunks (hence blocks) in the table's span.
+    assert choose_num_splits(1, 8, 3, 16) == 1
+    assert choose_num_splits(1, 8, 10, BLOCK_N) == 10
+    assert choose_num_splits(1, 8, 1, 4) == 1
+
+
+@cuda_only
+def test_large_bf16_gpu():
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 4097, (4,), generator=g).tolist()
+    lens[0] = 4096
+    q, k, v, tables, lens_t = make_case(lens, 32, 8, 128, 16, torch.bfloat16, 0)
+    for splits in (None, 1, 7):
+        out = paged_decode_attention(q, k, v, tables, lens_t, 128 ** -0.5, num_splits=splits)
+        torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 128 ** -0.5),
+                                   atol=2e-2, rtol=0)
+
+
+@cuda_only
+def test_cuda_graph_replay():
+    hq, hkv, d, bs = 32, 8, 128, 16
+    lens_a, lens_b = [1000, 1, 300, 17], [5, 2048, 64, 999]
+    (q, k, v, tables, lens_t), (q2, k2, v2, tables2, lens2) = paired_cases(
+        lens_a, lens_b, hq, hkv, d, bs, torch.float16, (4, 5))
+    out = torch.empty_like(q)
+    ws = decode_workspace(4, hq, d, choose_num_splits(4, hkv, tables.shape[1], bs), DEVICE)
+    paged_decode_attention(q, k, v, tables, lens_t, 0.1, out=out, workspace=ws)   # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, k, v, tables, lens_t, 0.1, out=out, workspace=ws)
+    out.zero_()
+    graph.replay()
+    torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 0.1), atol=2e-3, rtol=0)
+    q.copy_(q2), k.copy_(k2), v.copy_(v2), tables.copy_(tables2), lens_t.copy_(lens2)
+    graph.replay()
+    torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 0.1), atol=2e-3, rtol=0)

@@ -1,0 +1,185 @@
+"""Triton paged prefill/extend attention against a plain torch reference.
+
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors (small shapes keep it fast).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported: @triton.jit reads it when the kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the environment
+    pytest.skip("triton is not installed: the Triton extend kernel cannot run", allow_module_level=True)
+
+from loopserve.attention.triton_extend import _launch, paged_extend_attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+# (cached prefix, new tokens) per sequence: pure prefills (one not a multiple of any tile, one of a
+# single token), extends over prefixes of various lengths, and decode rows.
+MIXED = [(0, 37), (45, 20), (70, 1), (0, 1), (100, 33), (9, 1), (3, 5)]
+
+
+def make_batch(specs, hq, hkv, d, block_size, dtype, seed, table_dtype=torch.int64, device=DEVICE):
+    """Random paged cache holding every sequence's keys in shuffled blocks; unused slots are NaN so
+    any read past a sequence's length shows up in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = [p + n for p, n in specs]
+    nblk = [-(-n // block_size) for n in lens]
+    num_blocks = sum(nblk) + 3
+    max_blocks = max(nblk) + 2                                   # padded with block 0
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(len(specs), max_blocks, dtype=torch.int64)
+    used = torch.zeros(num_blocks, block_size, dtype=torch.bool)
+    at = 0
+    for b, (n, L) in enumerate(zip(nblk, lens)):
+        tables[b, :n] = perm[at:at + n]
+        at += n
+        pos = torch.arange(L)
+        used[tables[b, pos // block_size], pos % block_size] = True
+    shape = (num_blocks, block_size, hkv, d)
+    k_cache = torch.randn(shape, generator=gen)
+    v_cache = torch.randn(shape, generator=gen)
+    k_cache[~used] = float("nan")
+    v_cache[~used] = float("nan")
+    T = sum(n for _, n in specs)
+    q = torch.randn(T, hq, d, generator=gen)
+    qsl = torch.tensor([0] + [n for _, n in specs]).cumsum(0)
+    return {
+        "q": q.to(device, dtype), "k_cache": k_cache.to(device, dtype), "v_cache": v_cache.to(device, dtype),
+        "block_tables": tables.to(device, table_dtype), "query_start_loc": qsl.to(device, torch.int32),
+        "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device),
+        "max_query_len": max(n for _, n in specs), "scale": d ** -0.5,
+    }
+
+
+def reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale):
+    """Per sequence: gather K/V from the block table, repeat KV heads, causal-with-offset softmax (fp32)."""
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // hkv
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for b, L in enumerate(lens):
+        s, e = qsl[b], qsl[b + 1]
+        n = e - s
+        ids = block_tables[b, :-(-L // bs)].long()
+        k = k_cache[ids].flatten(0, 1)[:L].float().repeat_interleave(group, 1)     # [L, Hq, D]
+        v = v_cache[ids].flatten(0, 1)[:L].float().repeat_interleave(group, 1)
+        qq = q[s:e].float()
+        scores = torch.einsum("qhd,khd->hqk", qq, k) * scale
+        q_pos = torch.arange(L - n, L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def check(batch, out, dtype):
+    ref = reference(**batch)
+    assert out.dtype == dtype and out.shape == batch["q"].shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("d", [16, 64])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 1)])
+def test_mixed_batch(hq, hkv, d, block_size, dtype):
+    seed = hq * 1000 + hkv * 100 + d + block_size
+    batch = make_batch(MIXED, hq, hkv, d, block_size, dtype, seed)
+    check(batch, paged_extend_attention(**batch), dtype)
+
+
+@pytest.mark.parametrize("specs", [
+    [(0, 50)],                              # one pure prefill
+    [(0, 16), (0, 17), (0, 15)],            # prefills around a tile boundary
+    [(0, 1), (7, 1), (30, 1), (63, 1)],     # decode rows only
+    [(120, 3), (31, 30), (64, 16)],         # extends only
+], ids=["prefill", "prefills", "decodes", "extends"])
+def test_batch_shapes(specs):
+    batch = make_batch(specs, 4, 2, 32, 4, torch.float32, seed=len(specs))
+    check(batch, paged_extend_attention(**batch), torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [4, 32])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 16)])
+def test_tile_sizes(block_m, block_n, block_size):
+    # Cache blocks both smaller and larger than a key tile, tiles both square and tall.
+    batch = make_batch([(0, 40), (50, 23), (77, 1)], 4, 2, 16, block_size, torch.float32, seed=block_size)
+    out = torch.empty_like(batch["q"])
+    _launch(**batch, out=out, block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
+    check(batch, out, torch.float32)
+
+
+def test_out_strided_q_int32_tables_and_loose_max_query_len():
+    hq, d = 4, 16
+    batch = make_batch([(0, 21), (40, 9), (11, 1)], hq, 2, d, 16, torch.float32, seed=7,
+                       table_dtype=torch.int32)
+    # q as a slice of a wider projection output (non-contiguous rows), out as a strided view too.
+    wide = torch.randn(batch["q"].shape[0], hq + 3, d, device=DEVICE)
+    wide[:, 1:hq + 1] = batch["q"]
+    batch["q"] = wide[:, 1:hq + 1]
+    out_wide = torch.full((batch["q"].shape[0], hq + 2, d), 7.0, device=DEVICE)
+    out = out_wide[:, 2:]
+    batch["max_query_len"] = 64                  # an upper bound is enough: extra tiles exit early
+    got = paged_extend_attention(**batch, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert (out_wide[:, :2] == 7.0).all()
+    check(batch, out, torch.float32)
+
+
+def test_empty_batch():
+    batch = make_batch([(5, 3)], 2, 2, 16, 4, torch.float32, seed=0)
+    batch["q"] = batch["q"][:0]
+    batch["query_start_loc"] = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    batch["max_query_len"] = 0
+    assert paged_extend_attention(**batch).shape == (0, 2, 16)
+
+
+def test_rejects_bad_head_dim():
+    batch = make_batch([(0, 3)], 2, 2, 24, 4, torch.float32, seed=0)
+    with pytest.raises(AssertionError):
+        paged_extend_attention(**batch)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+def test_large_bf16_gpu():
+    batch = make_batch([(8192, 256), (0, 1024)], 32, 8, 128, 16, torch.bfloat16, seed=3)
+    check(batch, paged_extend_attention(**batch), torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_tiles_gpu(dtype):
+    # D=128 picks a different tile config than the matrix above.
+    batch = make_batch(MIXED, 8, 2, 128, 16, dtype, seed=11)
+    check(batch, paged_extend_attention(**batch), dtype)
+
+
+@cuda_only
+def test_cuda_graph_capture():
+    batch = make_batch(MIXED, 4, 2, 64, 16, torch.float16, seed=5)
+    out = torch.empty_like(batch["q"])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_extend_attention(**batch, out=out)         # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_extend_attention(**batch, out=out)
+    batch["q"].copy_(torch.randn_like(batch["q"]))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(batch, out, torch.float16)
