@@ -1,10 +1,16 @@
 """Shared fixtures: tiny random-weight models saved as HF folders with a locally trained tokenizer."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors. @triton.jit reads this when a kernel is
+    # defined, i.e. when its module is first imported, so it must be set before any test imports one.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -60,7 +60,9 @@ class ModelRunner:
                                        scratch_block=num_blocks, device=device)
             self.graphs.capture()
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """The step's inputs. Everything the device needs travels in ONE host-to-device copy (token ids,
+        positions, slots, block tables, logits rows, and the layout for device-side kernels), sliced there."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -71,7 +73,7 @@ class ModelRunner:
         prefill_idx: list[int] = []
         logits_rows: list[int] = []
         max_blocks = max(len(s.block_ids) for s in out.seqs)
-        tables = torch.zeros((len(out.seqs), max_blocks), dtype=torch.long)
+        tables: list[int] = []
         for i, seq in enumerate(out.seqs):
             req = seq.request
             start, n = req.num_computed_tokens, seq.num_new_tokens
@@ -84,24 +86,29 @@ class ModelRunner:
             positions.extend(pos)
             ids = seq.block_ids
             slots.extend(ids[p // bs] * bs + p % bs for p in pos)
-            tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            tables.extend(ids)
+            tables.extend([0] * (max_blocks - len(ids)))
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             (decode_idx if n == 1 else prefill_idx).append(i)
             if seq.samples:  # the last known token's row, then one row per proposed token
                 last = query_start_loc[-1] - 1
                 logits_rows.extend(range(last - seq.num_spec_tokens, last + 1))
-        dev = self.device
-        meta = AttentionMetadata(
-            query_start_loc=query_start_loc, seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev), decode_indices=decode_idx, prefill_indices=prefill_idx)
+        parts = [token_ids, positions, slots, tables, logits_rows]
         if self.backend.needs_device_layout:
-            meta.query_start_loc_t = torch.tensor(query_start_loc, dtype=torch.int32, device=dev)
-            meta.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            parts += [query_start_loc, seq_lens]
+        flat = [x for part in parts for x in part]
+        packed = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)
+        views = packed.split([len(p) for p in parts])
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=views[2],
+            block_tables=views[3].view(len(out.seqs), max_blocks), decode_indices=decode_idx,
+            prefill_indices=prefill_idx)
+        if self.backend.needs_device_layout:
+            meta.query_start_loc_t = views[5].to(torch.int32)
+            meta.seq_lens_t = views[6].to(torch.int32)
             meta.max_query_len = max(b - a for a, b in zip(query_start_loc, query_start_loc[1:]))
-        return (torch.tensor(token_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta, logits_rows)
+        return views[0], views[1], meta, views[4]
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledSeq]]:
@@ -120,7 +127,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
         if not sampling:
             return None, []
-        return self.model.compute_logits(hidden[torch.tensor(logits_rows, device=self.device)]), sampling
+        return self.model.compute_logits(hidden.index_select(0, logits_rows)), sampling
 
     def _start_masks(self, out: SchedulerOutput):
         """Start filling the grammar masks of constrained rows (they fill while the forward runs)."""

@@ -12,7 +12,9 @@ tokens. Its cost, in one-token decode steps, is 1 + k * c with c the cost of one
 * a speculating step also pays a fixed overhead f that no constant predicts (a verify pass takes the
   extend-attention path, the proposer does its own bookkeeping). `StepCost` measures it: the wall time
   of pure-decode steps that speculated, over the running mean of those that did not at the same batch
-  size, minus the modelled 1 + K c(B). Until both kinds of step have been seen, f is 0.
+  size, minus the modelled 1 + K c(B). Until both kinds of step have been seen, f is 0; so while a
+  batch size has no plain baseline and some request's modelled gain is doubtful (< DOUBTFUL_GAIN),
+  every PLAIN_PROBE_INTERVAL-th step at that size runs without speculation (SpecDecoder) to measure one.
 
 The controller keeps a as an exponentially weighted ratio of accepted tokens to tried tokens (a pass
 that accepts j < k of its proposals tried j + 1; one that accepts all tried k), and picks the k that
@@ -32,6 +34,8 @@ MAX_BACKOFF = 4
 # Weight of the newest step time in StepCost's running means; a few dozen steps make an estimate.
 STEP_COST_EWMA = 0.1
 STEP_COST_MIN_SAMPLES = 4
+PLAIN_PROBE_INTERVAL = 4
+DOUBTFUL_GAIN = 1.5  # only requests whose modelled gain is below this wait for a measured baseline
 
 
 @dataclass
@@ -84,6 +88,11 @@ class StepCost:
             return
         excess = seconds / plain.value - 1.0 - spec_tokens * self._token_cost(batch)
         self._excess.setdefault(batch, _Mean()).add(excess)
+
+    def needs_plain(self, batch: int) -> bool:
+        """No baseline yet at this batch size: the overhead cannot be measured until a few steps run plain."""
+        plain = self._plain.get(batch)
+        return plain is None or plain.n < STEP_COST_MIN_SAMPLES
 
     def overhead(self, batch: int) -> float:
         m = self._excess.get(batch)

@@ -16,7 +16,7 @@ import torch
 from loopserve.config import SpeculativeConfig
 from loopserve.engine.request import Request, RequestStatus
 from loopserve.engine.scheduler import SchedulerOutput
-from loopserve.spec.adaptive import AdaptiveLength, AdaptiveState
+from loopserve.spec.adaptive import DOUBTFUL_GAIN, PLAIN_PROBE_INTERVAL, AdaptiveLength, AdaptiveState
 from loopserve.spec.base import Proposer
 from loopserve.spec.metrics import SpecDecodeStats
 
@@ -28,6 +28,7 @@ class SpecDecoder:
         self.adaptive = AdaptiveLength(cfg, cfg.draft_token_cost if cfg.method == "draft_model" else 0.0)
         self.states: dict[str, AdaptiveState] = {}
         self.stats = SpecDecodeStats(cfg.method)
+        self._steps_at: dict[int, int] = {}  # batch size -> speculating steps seen without a plain baseline
 
     @classmethod
     def build(cls, cfg: SpeculativeConfig, core) -> "SpecDecoder":
@@ -61,6 +62,11 @@ class SpecDecoder:
         if len(decoding) > self.cfg.disable_by_batch_size:
             self.stats.num_disabled_steps += 1
             return {}
+        batch = len(decoding)
+        if self.cfg.adaptive and self.adaptive.step_cost.needs_plain(batch) and self._doubtful(decoding, batch):
+            seen = self._steps_at[batch] = self._steps_at.get(batch, 0) + 1
+            if seen % PLAIN_PROBE_INTERVAL == 0:
+                return {}  # a plain step: the baseline the measured overhead needs
         wants = []
         for req in decoding:
             # k + 1 tokens may come out of the verify pass: never more than max_tokens / the window allow.
@@ -85,6 +91,16 @@ class SpecDecoder:
             if prop.probs is not None:
                 probs[req.request_id] = prop.probs[:k]
         return probs
+
+    def _doubtful(self, decoding: list[Request], batch: int) -> bool:
+        """Whether some request's modelled gain is small enough for an unmeasured overhead to flip it
+        (a request copying its prompt at high acceptance needs no baseline to know it pays)."""
+        for req in decoding:
+            st = self.states.get(req.request_id)
+            rate = st.rate if st is not None else self.cfg.initial_acceptance
+            if self.adaptive.best(rate, batch)[1] < DOUBTFUL_GAIN:
+                return True
+        return False
 
     def observe(self, sched: SchedulerOutput, sampled: dict, predictions: dict[str, list[int]]) -> None:
         for seq in sched.seqs:

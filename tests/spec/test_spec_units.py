@@ -204,6 +204,49 @@ def test_measured_step_overhead_switches_speculation_off():
     assert ad.best(0.95, 1)[1] > cfg.min_gain  # high acceptance still pays despite the overhead
 
 
+def test_doubtful_requests_get_plain_steps_until_a_baseline_is_measured():
+    from loopserve.engine.request import RequestStatus
+    from loopserve.spec.base import Proposal
+    from loopserve.spec.decoder import SpecDecoder
+
+    class Echo:
+        method, wants_predictions = "ngram", False
+
+        def propose(self, wants):
+            return {r.request_id: Proposal([1] * k) for r, k in wants}
+
+    def running(name: str) -> Request:
+        r = Request(name, [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), 1024)
+        r.status, r.num_computed_tokens = RequestStatus.RUNNING, 2
+        return r
+
+    dec = SpecDecoder(SpeculativeConfig(method="ngram", num_speculative_tokens=4), Echo())
+    req = running("a")
+    dec.states["a"] = st = dec.adaptive.new_state()
+    st.accepted, st.tried = 0.4, 1.0  # modelled gain ~1.3: an unmeasured overhead could flip it
+    plain = []
+    for _ in range(12):
+        req.spec_token_ids = []
+        dec.propose([req])
+        plain.append(not req.spec_token_ids)
+    assert plain == [False, False, False, True] * 3
+    for _ in range(4):
+        dec.adaptive.step_cost.record(1, 0, 0.05)  # the baseline is measured: no more plain steps
+    for _ in range(8):
+        req.spec_token_ids = []
+        dec.propose([req])
+        assert req.spec_token_ids
+    # A request copying its prompt is never held back, baseline or not.
+    dec2 = SpecDecoder(SpeculativeConfig(method="ngram", num_speculative_tokens=4), Echo())
+    dec2.states["b"] = dec2.adaptive.new_state()
+    dec2.states["b"].accepted = 1.0
+    req_b = running("b")
+    for _ in range(8):
+        req_b.spec_token_ids = []
+        dec2.propose([req_b])
+        assert req_b.spec_token_ids
+
+
 def test_adaptive_off_keeps_k_fixed():
     cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False)
     ad = AdaptiveLength(cfg)
