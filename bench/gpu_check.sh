@@ -3,6 +3,7 @@
 # floor, loopserve's engine (Triton + CUDA graphs; torch eager as the old path), saturation throughput,
 # and transformers' eager generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
 # Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself.
+# --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -15,21 +16,26 @@ B135=bench/configs/smollm2-135m.json
 g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
 echo "== GPU tests"
-timeout 110 python -m pytest -q -x -p no:cacheprovider --device cuda tests/attention tests/engine/test_engine.py \
-  2>&1 | tail -6
+timeout 120 python -m pytest -q -p no:cacheprovider --device cuda tests/model/test_fused_ops.py tests/attention \
+  tests/engine/test_engine.py \
+  2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
 g 100 engine --config $B8
 g 40 floor --config $B8
 echo "== 135M"
 g 60 engine --config $B135
 g 30 floor --config $B135
-echo "== 8B saturation"
+echo "== 8B saturation (sharegpt-like)"
 g 70 throughput --config $B8 --workload sharegpt --seconds 20
-g 70 throughput --config $B8 --workload random1000 --seconds 20
-echo "== baselines: transformers eager, loopserve torch eager"
+echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
-g 80 engine --config $B8 --attention-backend torch --enforce-eager
+echo "== 8B saturation (random 1000/1000)"
+g 70 throughput --config $B8 --workload random1000 --seconds 20
+if [ "${1:-}" != "--no-eager-baseline" ]; then
+  echo "== loopserve torch eager (the pre-Triton path)"
+  g 80 engine --config $B8 --attention-backend torch --enforce-eager
+fi
 echo "== summary"
 python - "$out" <<'PY'
 import json, sys
