@@ -326,6 +326,26 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     return bench_spec(args)
 
 
+def _bench_agent_module():
+    """bench/agent.py of this source checkout (`bench` is not an installed package), or None."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    if Path(root, "bench", "agent.py").is_file() and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        import bench.agent
+    except ImportError:
+        return None
+    return bench.agent
+
+
+def cmd_bench_agent(args: argparse.Namespace) -> int:
+    agent = _bench_agent_module()
+    if agent is None:
+        raise UsageError("`bench agent` needs a loopserve source checkout (bench/agent.py)")
+    return agent.main(args)
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models-dir", default=None)
     b.add_argument("--out", default=None, help="also write the JSON report here")
     b.set_defaults(func=cmd_bench_spec)
+    b = bench.add_parser("agent", help="agent-loop benchmark against an OpenAI-compatible server", description=(
+        "Drive a running OpenAI-compatible server (loopserve, llama-server, vLLM) with concurrent synthetic "
+        "agent sessions: a shared system prompt with tool schemas, a history growing by a reply and a tool "
+        "result per step, tool pauses, optional multi-agent fan-out and a long cold prompt. Reports step "
+        "latency, TTFT (cached vs uncached), ITL and prefix-cache reuse as JSON, plus a PNG plot."))
+    agent = _bench_agent_module()
+    if agent is not None:
+        agent.add_arguments(b)
+    b.set_defaults(func=cmd_bench_agent)
     # Further `bench` subcommands register on `bench` above.
     return parser
 

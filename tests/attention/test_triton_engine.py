@@ -3,14 +3,10 @@ decodes, chunked prefills, prefix-cache extends and mixed batches (on CPU in Tri
 on a GPU, CUDA-graph decode steps (with padded batch sizes) equal eager ones."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels' modules are imported
-pytest.importorskip("triton", reason="triton is not installed")
+pytest.importorskip("triton", reason="triton is not installed")  # interpreter on CPU: tests/conftest.py
 
 from loopserve import SamplingParams  # noqa: E402
 

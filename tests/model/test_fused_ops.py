@@ -3,20 +3,11 @@
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (fp32/fp16 only: numpy has no
 bf16), so shapes stay small. With CUDA the same tests run on the GPU, plus bf16 and a CUDA-graph replay.
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before triton is imported: @triton.jit reads it when the kernel is defined.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    pytest.skip("triton is not installed: the fused Triton kernels cannot run", allow_module_level=True)
+# tests/conftest.py runs Triton in its interpreter on machines without CUDA.
+pytest.importorskip("triton", reason="triton is not installed: these kernels cannot run")
 
 from loopserve.model.fused_ops import (
     fused_add_rms_norm,
