@@ -25,6 +25,7 @@ from loopserve.server import chat, completions
 from loopserve.server.errors import APIError, bad_request, install_error_handlers
 from loopserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from loopserve.server.protocol import DetokenizeRequest, TokenizeRequest, known_fields, now
+from loopserve.server.sessions import SessionTracker
 from loopserve.server.serving import ServerState
 
 log = logging.getLogger("loopserve.server")
@@ -132,7 +133,7 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig | None = No
     if client.observer is None:
         client.observer = metrics
     name = served_model_name or server_config.served_model_name or client.config.model
-    state = ServerState(client, server_config, name, metrics)
+    state = ServerState(client, server_config, name, metrics, sessions=SessionTracker(metrics.session_drift.inc))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -56,6 +56,9 @@ class ServerMetrics:
                                          "Speculative tokens proposed and verified.", ["method"], registry=r)
         self.spec_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens",
                                             "Speculative tokens accepted.", ["method"], registry=r)
+        self.session_drift = Counter(PREFIX + "session_template_drift",
+                                     "Session turns whose prompt did not extend the previous turn's prompt + "
+                                     "output (the prefix cache misses from the first difference).", registry=r)
         self._last: EngineStats | None = None
 
     # ---- RequestObserver -----------------------------------------------------------------------

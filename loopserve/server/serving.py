@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -19,6 +19,7 @@ from loopserve.engine.output_processor import StreamUpdate
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
 from loopserve.server.protocol import ChatMessage, usage
+from loopserve.server.sessions import SessionTracker
 from loopserve.server.tooling import ToolPlan, render_conversation
 from loopserve.tools import detect_parser, get_parser, template_renders_tools
 
@@ -38,6 +39,7 @@ class ServerState:
     metrics: Any = None
     draining: bool = False
     admitted: int = 0  # requests inside a generation endpoint right now (admission control)
+    sessions: SessionTracker = field(default_factory=SessionTracker)
     _max_token_chars: int | None = None
 
     # ---- engine facts ------------------------------------------------------------------------

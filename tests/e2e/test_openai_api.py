@@ -273,3 +273,22 @@ def test_metrics_exposed(server):
 def test_playground_page(server):
     r = httpx.get(server.base_url + "/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+
+
+def test_session_template_drift_is_counted_in_metrics(server):
+    """A session whose next prompt rewrites its history (so the prefix cache misses) shows in /metrics."""
+    client = server.openai()
+    key = "loopserve:session_template_drift_total"
+    before = server.metrics().get(key, 0.0)
+    turn = [{"role": "user", "content": "list the files in src"}]
+    headers = {"X-Session-Id": "drift-test"}
+    client.chat.completions.create(model=server.model, messages=turn, max_tokens=3, temperature=0,
+                                   extra_headers=headers)
+    assert server.metrics().get(key, 0.0) == before  # a first turn has nothing to drift from
+    rewritten = [{"role": "user", "content": "LIST the files in src"}, {"role": "assistant", "content": "ok"},
+                 {"role": "user", "content": "and in tests"}]
+    client.chat.completions.create(model=server.model, messages=rewritten, max_tokens=3, temperature=0,
+                                   extra_headers=headers)
+    assert server.metrics().get(key, 0.0) == before + 1
+    client.chat.completions.create(model=server.model, messages=rewritten, max_tokens=3, temperature=0)
+    assert server.metrics().get(key, 0.0) == before + 1  # no session id: not tracked
