@@ -223,9 +223,8 @@ class ChoiceStream:
 
     def __init__(self, plan: ToolPlan, reasoning_parser: str | None) -> None:
         self.plan = plan
-        self.reasoning = None
-        if reasoning_parser:
-            self.reasoning = REASONING_PARSERS[reasoning_parser]().streamer()
+        parser = reasoning_parser_for(reasoning_parser)
+        self.reasoning = parser.streamer() if parser is not None else None
         self.tools = None
         if plan.mode == "auto":
             self.tools = plan.parser.streamer()

@@ -35,6 +35,7 @@ MAX_BACKOFF = 4
 STEP_COST_EWMA = 0.1
 STEP_COST_MIN_SAMPLES = 4
 PLAIN_PROBE_INTERVAL = 4
+OVERHEAD_REBUILD = 0.01  # a measured-overhead change that rebuilds best()'s table
 DOUBTFUL_GAIN = 1.5  # only requests whose modelled gain is below this wait for a measured baseline
 
 
@@ -107,6 +108,9 @@ class AdaptiveLength:
         c1 = min(cfg.verify_token_cost, 0.99)
         self._t_over_w = c1 / (1.0 - c1)  # per-token compute over weight streaming, from c at batch 1
         self.step_cost = StepCost(self.token_cost)
+        # batch size -> (overhead it was built for, best (k, gain) per rate on a 0.01 grid): best() runs for
+        # every speculating request every step, so it is a lookup, rebuilt only when the overhead moves.
+        self._tables: dict[int, tuple[float, list[tuple[int, float]]]] = {}
 
     def token_cost(self, batch: int) -> float:
         """c(B): one more proposed token, in decode steps of a batch of B."""
@@ -114,11 +118,15 @@ class AdaptiveLength:
         return bt / (1.0 + bt) + self.draft_token_cost
 
     def best(self, rate: float, batch: int = 1) -> tuple[int, float]:
-        """(k, expected speedup) maximising tokens per cost."""
-        c = self.token_cost(batch)
-        base = 1.0 + self.step_cost.overhead(batch)
-        gain, k = max((expected_tokens(rate, k) / (base + k * c), k) for k in range(1, self.k_max + 1))
-        return k, gain
+        """(k, expected speedup) maximising tokens per cost, for rates on a 0.01 grid."""
+        overhead = self.step_cost.overhead(batch)
+        built = self._tables.get(batch)
+        if built is None or abs(built[0] - overhead) > OVERHEAD_REBUILD:
+            c, base = self.token_cost(batch), 1.0 + overhead
+            built = self._tables[batch] = (overhead, [
+                max((expected_tokens(i / 100, k) / (base + k * c), k) for k in range(1, self.k_max + 1))[::-1]
+                for i in range(101)])
+        return built[1][min(100, max(0, round(rate * 100)))]
 
     def new_state(self) -> AdaptiveState:
         return AdaptiveState(accepted=self.cfg.initial_acceptance, tried=1.0)
