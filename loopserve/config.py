@@ -15,6 +15,17 @@ DEFAULT_MAX_NUM_SEQS = 64
 # One long prompt may take at most this share of a step's token budget, so decodes keep flowing.
 DEFAULT_LONG_PREFILL_FRACTION = 0.5
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# Host-memory tier for retained sessions' blocks forced off the device (GPU only by default: on CPU
+# "host memory" is where the cache already lives).
+DEFAULT_GPU_HOST_KV_CACHE_BYTES = 4 << 30
+# Head-of-line protection (see engine/scheduler.py): a prefill with more than this many tokens left
+# counts as long, and while shorter work exists it gets at most LONG_PROMPT_CHUNK tokens a step.
+DEFAULT_LONG_PROMPT_THRESHOLD = 1024
+DEFAULT_LONG_PROMPT_CHUNK = 256
+# Agent sessions (X-Session-Id or `user`): how long a finished turn's blocks stay pinned when the
+# request gives no hint, and the largest hint accepted.
+DEFAULT_SESSION_RETENTION_S = 60.0
+MAX_SESSION_RETENTION_S = 3600.0
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.85
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
@@ -75,6 +86,8 @@ class CacheConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     num_blocks: int | None = None  # exact override, mostly for tests
     enable_prefix_caching: bool = True
+    # Host-memory tier for retained sessions' blocks; None: DEFAULT_GPU_HOST_KV_CACHE_BYTES on GPU, 0 on CPU.
+    host_kv_cache_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,8 @@ class SchedulerConfig:
     # Cap on the tokens one prefill may take in a step; None = DEFAULT_LONG_PREFILL_FRACTION of the budget.
     long_prefill_token_threshold: int | None = None
     max_model_len: int = DEFAULT_MAX_MODEL_LEN_CAP
+    long_prompt_threshold: int = DEFAULT_LONG_PROMPT_THRESHOLD
+    long_prompt_chunk: int = DEFAULT_LONG_PROMPT_CHUNK
 
     def prefill_cap(self) -> int:
         if self.long_prefill_token_threshold is not None:

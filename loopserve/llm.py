@@ -6,8 +6,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from loopserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MODEL, CacheConfig,
-                              EngineConfig, SchedulerConfig, SpeculativeConfig)
+from loopserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MODEL,
+                              DEFAULT_SESSION_RETENTION_S, CacheConfig, EngineConfig, SchedulerConfig,
+                              SpeculativeConfig)
 from loopserve.engine.core import EngineCore, EngineRequest, EngineStats
 from loopserve.engine.output_processor import OutputProcessor
 from loopserve.engine.request import RequestStatus
@@ -28,6 +29,9 @@ class LLM:
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  long_prefill_token_threshold: int | None = None,
+                 long_prompt_threshold: int = SchedulerConfig.long_prompt_threshold,
+                 long_prompt_chunk: int = SchedulerConfig.long_prompt_chunk,
+                 host_kv_cache_bytes: int | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False) -> None:
         from loopserve.model import load_tokenizer
@@ -37,9 +41,11 @@ class LLM:
             max_model_len=max_model_len, tokenizer=tokenizer,
             cache=CacheConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, num_blocks=num_kv_blocks,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching, host_kv_cache_bytes=host_kv_cache_bytes),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      long_prefill_token_threshold=long_prefill_token_threshold),
+                                      long_prefill_token_threshold=long_prefill_token_threshold,
+                                      long_prompt_threshold=long_prompt_threshold,
+                                      long_prompt_chunk=long_prompt_chunk),
             speculative=SpeculativeConfig.from_dict(speculative_config),
             attention_backend=attention_backend, enforce_eager=enforce_eager)
         self.engine = EngineCore(config)
@@ -86,7 +92,8 @@ class LLM:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def _add(self, prompt: PromptType, params: SamplingParams) -> str:
+    def _add(self, prompt: PromptType, params: SamplingParams, session_id: str | None = None,
+             retention_s: float | None = None) -> str:
         text, ids = self._tokenize(prompt)
         request_id = str(next(self._ids))
         engine_ids = self._processor.add(request_id, text, ids, params)
@@ -94,8 +101,9 @@ class LLM:
         try:
             for i, rid in enumerate(engine_ids):
                 sample_params = params.for_sample(i) if params.n > 1 else params
-                self.engine.add_request(EngineRequest(rid, ids, sample_params,
-                                                      wait_for=engine_ids[0] if i else None))
+                self.engine.add_request(EngineRequest(
+                    rid, ids, sample_params, wait_for=engine_ids[0] if i else None, session_id=session_id,
+                    retention_s=DEFAULT_SESSION_RETENTION_S if retention_s is None else retention_s))
                 added.append(rid)
         except Exception:
             self.engine.abort(added)
@@ -114,7 +122,10 @@ class LLM:
             self.engine.abort(self._processor.discard(rid))
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 session_id: str | None = None, retention_s: float | None = None) -> list[RequestOutput]:
+        """`session_id`: the prompts are turns of one agent session; when each finishes, its cached
+        blocks stay pinned for `retention_s` seconds (default DEFAULT_SESSION_RETENTION_S)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -128,7 +139,7 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         try:
             for prompt, params in zip(prompts, sampling_params):
-                request_ids.append(self._add(prompt, params))
+                request_ids.append(self._add(prompt, params, session_id, retention_s))
             while self.engine.has_unfinished():
                 for update in self._step().updates:
                     results[update.output.request_id] = update.output

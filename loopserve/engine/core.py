@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_GRAPH_BATCH_SIZES, CacheConfig, EngineConfig,
-                              ModelConfig, SchedulerConfig, default_device, resolve_dtype)
-from loopserve.engine.kv_cache import KVCacheManager
+from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_GRAPH_BATCH_SIZES, DEFAULT_GPU_HOST_KV_CACHE_BYTES,
+                              CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_device, resolve_dtype)
+from loopserve.engine.kv_cache import KVCacheManager, KVMoveStats
 from loopserve.engine.request import Request, RequestStatus
+from loopserve.engine.retention import RetentionStats
 from loopserve.engine.scheduler import Scheduler
 from loopserve.runner.model_runner import ModelRunner, kv_bytes_per_block
 from loopserve.runner.sampler import SampledToken, Sampler
@@ -34,6 +35,8 @@ class EngineRequest:
     cache_salt: str | None = None
     wait_for: str | None = None  # a sibling sample (n > 1) whose prompt blocks this one will share
     arrival_time: float = field(default_factory=time.monotonic)
+    session_id: str | None = None  # agent session: the finished turn's blocks stay pinned ...
+    retention_s: float = 0.0       # ... for this many seconds (engine/retention.py)
 
 
 @dataclass
@@ -60,6 +63,10 @@ class EngineStats:
     num_preemptions: int
     prefix_cached_tokens: int  # tokens held in blocks that later requests can hit
     spec_decode: SpecDecodeStats | None = None  # speculative decoding counters, when it is on
+    retention: RetentionStats = field(default_factory=RetentionStats)
+    kv_moves: KVMoveStats = field(default_factory=KVMoveStats)  # offloads, restores, copy-on-write
+    host_kv_blocks: int = 0        # host-memory tier size, blocks
+    host_kv_blocks_used: int = 0
 
 
 def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -74,6 +81,15 @@ def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     else:
         budget = DEFAULT_CPU_KV_CACHE_BYTES
     return max(1, budget // per_block)
+
+
+def _num_host_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if not cache.enable_prefix_caching:
+        return 0
+    budget = cache.host_kv_cache_bytes
+    if budget is None:
+        budget = DEFAULT_GPU_HOST_KV_CACHE_BYTES if device.type == "cuda" else 0
+    return budget // kv_bytes_per_block(model_cfg, cache.block_size, dtype)
 
 
 class EngineCore:
@@ -102,8 +118,11 @@ class EngineCore:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_num_seqs=config.scheduler.max_num_seqs,
             long_prefill_token_threshold=config.scheduler.long_prefill_token_threshold,
-            max_model_len=self.max_model_len)
-        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+            max_model_len=self.max_model_len,
+            long_prompt_threshold=config.scheduler.long_prompt_threshold,
+            long_prompt_chunk=config.scheduler.long_prompt_chunk)
+        num_host_blocks = _num_host_blocks(cache, self.model_config, self.dtype, self.device)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
@@ -111,7 +130,8 @@ class EngineCore:
             b for b in DEFAULT_CUDA_GRAPH_BATCH_SIZES if b < sched_cfg.max_num_seqs] + [sched_cfg.max_num_seqs]
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
                                   self.device, self.dtype, self.sampler, attention_backend=config.attention_backend,
-                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len)
+                                  cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len,
+                                  num_host_blocks=num_host_blocks)
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None
@@ -119,8 +139,9 @@ class EngineCore:
             self.spec = SpecDecoder.build(config.speculative, self)
             log.info("speculative decoding: %s, k <= %d", config.speculative.method,
                      config.speculative.num_speculative_tokens)
-        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
-                 self.model_path, self.device, self.dtype, num_blocks, cache.block_size, self.max_model_len)
+        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (+%d in host memory), max_model_len %d",
+                 self.model_path, self.device, self.dtype, num_blocks, cache.block_size, num_host_blocks,
+                 self.max_model_len)
 
     @property
     def structured(self) -> StructuredOutputManager:
@@ -150,8 +171,11 @@ class EngineCore:
         if er.params.seed is not None:
             gen = Sampler.make_generator(er.params.seed, self.device)
         sibling = self.requests.get(er.wait_for) if er.wait_for else None
+        if er.retention_s < 0:
+            raise ValueError(f"retention_s must be >= 0, got {er.retention_s}")
         req = Request(er.request_id, er.prompt_token_ids, er.params, self.max_model_len, self.eos_token_ids,
-                      cache_salt=er.cache_salt, generator=gen, wait_for=sibling)
+                      cache_salt=er.cache_salt, generator=gen, wait_for=sibling, session_id=er.session_id,
+                      retention_s=er.retention_s if er.session_id else 0.0)
         req.timings.arrival = er.arrival_time
         if er.params.structured_outputs is not None:
             req.grammar = self.structured.grammar_for(er.request_id, er.params.structured_outputs)
@@ -175,6 +199,17 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def expire_sessions(self) -> int:
+        """End session pins whose retention hint has passed (the step loop does this itself)."""
+        return self.scheduler.retention.expire()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop session pins and forget every cached prefix; False while requests hold blocks."""
+        if self.scheduler.num_unfinished:
+            return False
+        self.scheduler.retention.release_all()
+        return self.kv.reset_prefix_cache()
 
     def step(self) -> list[EngineOutput]:
         failed: list[EngineOutput] = []
@@ -240,7 +275,11 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.kv.stats
+        host = self.kv.pool.host
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv.usage(),
                            self.kv.num_blocks, self.kv.num_free_blocks, s.queried_tokens, s.hit_tokens,
                            self.scheduler.num_preemptions, self.kv.pool.num_cached_blocks * self.kv.block_size,
-                           spec_decode=copy.deepcopy(self.spec.stats) if self.spec is not None else None)
+                           spec_decode=copy.deepcopy(self.spec.stats) if self.spec is not None else None,
+                           retention=self.scheduler.retention.stats(), kv_moves=copy.copy(self.kv.pool.moves),
+                           host_kv_blocks=host.num_slots if host is not None else 0,
+                           host_kv_blocks_used=len(host) if host is not None else 0)

@@ -44,7 +44,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
-                 generator: torch.Generator | None = None, wait_for: "Request | None" = None) -> None:
+                 generator: torch.Generator | None = None, wait_for: "Request | None" = None,
+                 session_id: str | None = None, retention_s: float = 0.0) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -56,6 +57,9 @@ class Request:
         self.generator = generator
         # A parallel sample (n > 1) waits for its first sibling's prefill so it can share those blocks.
         self.wait_for = wait_for
+        # Agent session: when a turn finishes, its cached blocks stay pinned for retention_s seconds.
+        self.session_id = session_id
+        self.retention_s = retention_s
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit on first scheduling; -1 until known

@@ -11,6 +11,15 @@ proposed `spec_token_ids`; they are scheduled after its known token (trimmed to 
 max_tokens / the context window can still take, and dropped first when blocks are short) and the
 target scores them all in the same forward. `update` keeps only the accepted ones: the computed
 count stops at the last accepted token and the blocks past it are released (rollback).
+
+Head-of-line protection: while shorter work is running or waiting, a prompt with more than
+long_prompt_threshold tokens left to prefill is scheduled after everyone else (admissions included)
+and gets at most long_prompt_chunk tokens a step, so a long cold prompt costs each short agent step
+one small chunk of extra step time instead of a whole budget-sized one. Alone, it prefills at the
+full per-step cap.
+
+Session retention (engine/retention.py): finished turns of a session stay pinned; pins are released
+(closest to expiry first) before any request is preempted or left waiting for blocks.
 """
 from __future__ import annotations
 
@@ -19,8 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loopserve.config import SchedulerConfig
-from loopserve.engine.kv_cache import KVCacheManager
+from loopserve.engine.kv_cache import KVCacheManager, KVOp
 from loopserve.engine.request import Request, RequestStatus
+from loopserve.engine.retention import SessionRetention
 
 
 @dataclass
@@ -38,6 +48,8 @@ class ScheduledSeq:
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # Block copies (offload / restore / copy-on-write) the runner runs, in order, before the forward.
+    kv_ops: list[KVOp] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -66,6 +78,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.retention = SessionRetention(kv)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -74,25 +87,58 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def _is_long(self, req: Request, hit_tokens: int = 0) -> bool:
+        return req.num_tokens - max(req.num_computed_tokens, hit_tokens) > self.config.long_prompt_threshold
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         cap = self.config.prefill_cap()
-        scheduled: set[str] = set()
+        self.retention.expire()
 
+        # Long prefills yield to everything else when there is anything else.
+        long_running = [r for r in self.running if self._is_long(r)]
+        contended = len(long_running) < len(self.running) or any(
+            not self._is_long(r) for r in self.waiting)
+        deferred = long_running if contended else []
+        first = [r for r in self.running if r not in deferred] if deferred else list(self.running)
+
+        budget = self._schedule_running(first, out, budget, cap)
+        if out.preempted:
+            return self._finish(out)
+        budget = self._admit(out, budget, cap, contended)
+        if deferred and budget > 0:
+            self._schedule_running(deferred, out, budget, min(cap, self.config.long_prompt_chunk),
+                                   may_preempt=False)
+        return self._finish(out)
+
+    def _allocate_or_release(self, req: Request, n: int, hit=()) -> bool:
+        """Allocate, releasing other sessions' retention pins while that makes room."""
+        while not self.kv.allocate(req, n, hit):
+            if not self.retention.release_for_pressure(req.session_id):
+                return False
+        return True
+
+    def _schedule_running(self, reqs: list[Request], out: SchedulerOutput, budget: int, cap: int,
+                          may_preempt: bool = True) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(reqs) and budget > 0:
+            req = reqs[i]
+            if req.status is not RequestStatus.RUNNING:
+                i += 1  # preempted by an earlier request of this step
+                continue
             left = req.num_tokens - req.num_computed_tokens
             n = min(left, cap, budget)
             if n <= 0:
                 i += 1
                 continue
             n_spec = self._num_spec(req, budget - n) if n == left == 1 else 0
-            while not self.kv.allocate(req, n + n_spec):
+            while not (self.kv.allocate(req, n + n_spec) if n_spec else self._allocate_or_release(req, n)):
                 if n_spec:
-                    n_spec = 0  # give up the proposal before preempting anyone for it
+                    n_spec = 0  # give up the proposal before releasing pins or preempting anyone for it
                     continue
+                if not may_preempt:
+                    break
                 victim = self.policy.victim(self.running)
                 self._preempt(victim, out)
                 if victim is req:
@@ -100,41 +146,53 @@ class Scheduler:
             else:
                 del req.spec_token_ids[n_spec:]
                 out.seqs.append(ScheduledSeq(req, n + n_spec, [], num_spec_tokens=n_spec))
-                scheduled.add(req.request_id)
                 budget -= n + n_spec
                 i += 1
                 continue
-            break  # the request itself was preempted: every later one already was too
-
-        if out.preempted:
-            return self._finish(out)
-
-        skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            if ((req.wait_for is not None and not self._sibling_ready(req.wait_for))
-                    or (req.grammar is not None and not req.grammar.ready)):
-                skipped.append(self.waiting.popleft())  # waits without holding up the queue
+            if not may_preempt:
+                i += 1
                 continue
-            hits = self.kv.find_cached_prefix(req)
-            num_hit = len(hits) * self.kv.block_size
-            n = min(req.num_tokens - num_hit, cap, budget)
-            if not self.kv.allocate(req, n, hits):
+            break  # the request itself was preempted: every later one already was too
+        return budget
+
+    def _admit(self, out: SchedulerOutput, budget: int, cap: int, contended: bool) -> int:
+        """Admit waiting requests in order; when contended, long prompts only after every short one."""
+        skipped: list[Request] = []
+        long_ones: list[Request] = []
+        for long_pass in (False, True):
+            if long_pass:
+                self.waiting.extendleft(reversed(long_ones))
+                cap = min(cap, self.config.long_prompt_chunk)
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                if ((req.wait_for is not None and not self._sibling_ready(req.wait_for))
+                        or (req.grammar is not None and not req.grammar.ready)):
+                    skipped.append(self.waiting.popleft())  # waits without holding up the queue
+                    continue
+                hit = self.kv.find_prefix(req, self.retention.tail(req.session_id))
+                num_hit = hit.num_tokens(self.kv.block_size)
+                if contended and not long_pass and self._is_long(req, num_hit):
+                    long_ones.append(self.waiting.popleft())
+                    continue
+                n = min(req.num_tokens - num_hit, cap, budget)
+                if not self._allocate_or_release(req, n, hit):
+                    break
+                self.waiting.popleft()
+                self.kv.record_hit(req, num_hit)
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit
+                if req.timings.first_scheduled is None:
+                    req.timings.first_scheduled = time.monotonic()
+                req.num_computed_tokens = num_hit
+                req.status = RequestStatus.RUNNING
+                req.wait_for = None
+                self.running.append(req)
+                out.seqs.append(ScheduledSeq(req, n, []))
+                budget -= n
+            if not long_ones:
                 break
-            self.waiting.popleft()
-            self.kv.record_hit(req, num_hit)
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
-            if req.timings.first_scheduled is None:
-                req.timings.first_scheduled = time.monotonic()
-            req.num_computed_tokens = num_hit
-            req.status = RequestStatus.RUNNING
-            req.wait_for = None
-            self.running.append(req)
-            out.seqs.append(ScheduledSeq(req, n, []))
-            budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return self._finish(out)
+        return budget
 
     @staticmethod
     def _num_spec(req: Request, budget: int) -> int:
@@ -155,6 +213,9 @@ class Scheduler:
             req = seq.request
             seq.block_ids = self.kv.block_ids(req.request_id)
             seq.samples = req.num_computed_tokens + seq.num_new_tokens - seq.num_spec_tokens == req.num_tokens
+        if out.seqs:
+            # Without a forward they stay queued for the next one: nothing reads a block before then.
+            out.kv_ops = self.kv.take_ops()
         return out
 
     @staticmethod
@@ -180,6 +241,8 @@ class Scheduler:
         target's own. Tokens are appended one by one and a stop (EOS, stop token, max_tokens) drops
         the rest. Accepted proposed tokens already have their KV; rejected ones are rolled back.
         """
+        if out.kv_ops:
+            self.kv.ops_done()  # the runner ran them before the forward
         finished = []
         for seq in out.seqs:
             req = seq.request
@@ -217,6 +280,8 @@ class Scheduler:
         if req in self.running:
             self.kv.cache_computed_blocks(req)
             self.running.remove(req)
+            if status is not RequestStatus.FINISHED_ABORTED:
+                self.retention.pin(req)
         else:
             try:
                 self.waiting.remove(req)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.attention.triton_backend import make_backend
 from loopserve.config import ModelConfig
+from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.runner.sampler import SampledToken, Sampler, SamplingRow
 
@@ -38,7 +40,8 @@ def _sdpa_without_cudnn(device: torch.device):
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
-                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None) -> None:
+                 cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
+                 num_host_blocks: int = 0) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
@@ -52,6 +55,12 @@ class ModelRunner:
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
                                   torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(model_config.num_layers)]
+        # Host-memory tier (retained sessions' blocks pushed off the device): pinned for async copies.
+        host_shape = (num_host_blocks,) + shape[1:]
+        pin = device.type == "cuda"
+        self.host_kv = [(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
+                         torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
+                        for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs
@@ -144,9 +153,30 @@ class ModelRunner:
             return None
         return self.structured.start_masks(rows, row), [r for r, _ in rows]
 
+    def run_kv_ops(self, ops: list[KVOp]) -> None:
+        """Offloads, restores and copy-on-write copies, in order; runs of one kind go in one indexed copy."""
+        for kind, group in itertools.groupby(ops, key=lambda op: op.kind):
+            group = list(group)
+            src = torch.tensor([op.src for op in group], dtype=torch.long)
+            dst = torch.tensor([op.dst for op in group], dtype=torch.long)
+            if kind != "offload":
+                dst = dst.to(self.device, non_blocking=True)
+            if kind != "restore":
+                src = src.to(self.device, non_blocking=True)
+            for layer, cache in enumerate(self.kv_caches):
+                for dev, host in zip((cache.key, cache.value), self.host_kv[layer] if self.host_kv else (None, None)):
+                    if kind == "copy":
+                        dev[dst] = dev[src]
+                    elif kind == "offload":
+                        host[dst] = dev[src].to("cpu")
+                    else:
+                        dev[dst] = host[src].to(self.device, non_blocking=True)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None,
                 want_predictions: bool = False) -> RunnerOutput:
+        if out.kv_ops:
+            self.run_kv_ops(out.kv_ops)
         masks = self._start_masks(out)
         logits, sampling = self.forward_logits(out)
         if logits is None:

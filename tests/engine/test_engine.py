@@ -64,7 +64,9 @@ def test_prefix_cache_hit_gives_same_output(make_llm, reference):
     p = prompts(1, lo=30, hi=30)[0]
     first = llm.generate(p, GREEDY)[0]
     second = llm.generate(p, GREEDY)[0]
-    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 28
+    # 28 tokens in full blocks, then copy-on-write of the block the first request completed with
+    # its own output: everything but the last prompt token (whose forward gives the first logits).
+    assert first.num_cached_tokens == 0 and second.num_cached_tokens == 29
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
     # Extension of the previous turn: prompt + output + new tokens hits prompt and generated blocks.
     ext = {"prompt_token_ids": p["prompt_token_ids"] + first.outputs[0].token_ids + [5, 6, 7]}
@@ -73,7 +75,7 @@ def test_prefix_cache_hit_gives_same_output(make_llm, reference):
     fresh = make_llm(enable_prefix_caching=False).generate(ext, GREEDY)[0]
     assert third.outputs[0].token_ids == fresh.outputs[0].token_ids
     stats = llm.stats()
-    assert stats.prefix_hit_tokens == 28 + third.num_cached_tokens
+    assert stats.prefix_hit_tokens == 29 + third.num_cached_tokens
 
 
 def test_preemption_recomputes_and_matches(make_llm, reference):
@@ -91,9 +93,12 @@ def test_n_samples_share_prompt_blocks_and_differ(make_llm):
     assert [o.index for o in out.outputs] == [0, 1, 2, 3]
     assert all(len(o.token_ids) == 8 for o in out.outputs)
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
-    # Samples 1..3 waited for sample 0's prefill and hit its 4 full prompt blocks.
-    assert out.num_cached_tokens == 16
-    assert llm.stats().prefix_hit_tokens == 3 * 16
+    # Samples 1..3 waited for sample 0's prefill, hit its 4 full prompt blocks and copied (copy-on-write)
+    # its partial last prompt block: only the last prompt token is computed again.
+    assert out.num_cached_tokens == 19
+    stats = llm.stats()
+    assert stats.prefix_hit_tokens == 3 * 19
+    assert stats.kv_moves.cow_copies == 3 and stats.kv_moves.cow_tokens == 3 * 3
 
 
 def test_seeded_sampling_reproducible_whatever_the_batch(make_llm):
