@@ -9,7 +9,13 @@ Drives synthetic ReAct-style agent sessions, all running at once:
 * --fanout K: every orchestrator step also branches into K worker requests that share the
   orchestrator's prefix and add their own suffix; their answers come back as the tool result;
 * --long-prompt-tokens T: one extra client sends a single cold prompt of ~T tokens at
-  --long-prompt-at-s, to show what a long prefill does to the short steps' TTFT (head-of-line).
+  --long-prompt-at-s, to show what a long prefill does to the short steps' TTFT (head-of-line);
+  with --hol-baseline the same workload first runs without it (on a cold prefix of its own) and the
+  report compares the short steps' p99 TTFT with and without the long prompt.
+
+Against a loopserve server it also polls /metrics (--metrics-poll-s) and reports the KV pool's peak
+use, session pins, pins released under pressure, host offloads / restores and copy-on-write tokens:
+the memory side of fan-out sharing and retention.
 
 Requests are streaming chat completions (usage included, temperature 0, X-Session-Id header and
 `user` set to the session id). Per request it records latency (start to last token), TTFT, mean
@@ -46,7 +52,7 @@ from typing import Any
 
 DEFAULTS = {"base_url": "http://127.0.0.1:8000", "sessions": 8, "steps": 20, "fanout": 0, "system_tokens": 4000,
             "tool_result_tokens": 400, "tool_pause_s": 0.5, "tool_pause_jitter": 0.5, "max_tokens": 32,
-            "long_prompt_tokens": 0, "long_prompt_at_s": 5.0, "seed": 0, "timeout": 600.0}
+            "long_prompt_tokens": 0, "long_prompt_at_s": 5.0, "seed": 0, "timeout": 600.0, "metrics_poll_s": 0.25}
 CACHED_THRESHOLD = 0.5  # a step counts as "cached" when at least this share of its prompt was a cache hit
 ERROR_SAMPLES = 5
 
@@ -669,6 +675,8 @@ async def run_async(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             from tqdm import tqdm
             progress = tqdm(total=total, desc="agent steps", unit="req", file=sys.stderr, dynamic_ncols=True)
         runner.progress = progress
+        poller = KVPoller(client, args.base_url, headers, args.metrics_poll_s)
+        await poller.start()
         runner.t0 = time.perf_counter()
         try:
             jobs = [runner.session(i, system, tools) for i in range(args.sessions)]
@@ -679,6 +687,7 @@ async def run_async(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             if progress is not None:
                 progress.close()
         wall = time.perf_counter() - runner.t0
+        server_kv = await poller.stop()
     walls = list(results[:args.sessions])
 
     report = {
@@ -694,10 +703,115 @@ async def run_async(args: argparse.Namespace) -> tuple[dict, list[Row]]:
                      "prefix_salt": args.prefix_salt, "token_counts": counter.source},
         **summarize(runner.rows, walls, wall, args.steps, args.fanout),
         "head_of_line": head_of_line(runner.rows),
+        "server_kv": server_kv,
         "session_walls_s": [_r(w) for w in walls],
         "rows": [_row_dict(r) for r in runner.rows],
     }
     return report, runner.rows
+
+
+class KVPoller:
+    """Samples a loopserve server's /metrics during the run: peak KV use and session / sharing counters.
+
+    Silent (reports None) against servers without loopserve's metrics."""
+
+    GAUGES = ("kv_cache_total_blocks", "kv_cache_free_blocks", "session_pinned_blocks", "session_retained")
+    COUNTERS = ("session_retention_pins_total", "kv_offloaded_blocks_total", "kv_restored_blocks_total",
+                "kv_cow_copies_total", "kv_cow_tokens_total", "num_preemptions_total",
+                "prefix_cache_hits_total", "prefix_cache_queries_total")
+
+    def __init__(self, client, base_url: str, headers: dict, interval_s: float) -> None:
+        root = base_url.rstrip("/")
+        root = root[:-3] if root.endswith("/v1") else root
+        self.client, self.url, self.headers, self.interval = client, root + "/metrics", headers, interval_s
+        self.start_values: dict[str, float] | None = None
+        self.peak_used = 0.0
+        self.peak_pinned = 0.0
+        self.samples = 0
+        self._task = None
+
+    async def read(self) -> dict[str, float] | None:
+        try:
+            r = await self.client.get(self.url, headers=self.headers, timeout=5.0)
+        except Exception:  # noqa: BLE001 - not every server has /metrics
+            return None
+        if r.status_code != 200 or "loopserve:kv_cache_total_blocks" not in r.text:
+            return None
+        values: dict[str, float] = {}
+        for line in r.text.splitlines():
+            if line.startswith("loopserve:"):
+                name, _, value = line.rpartition(" ")
+                key = name.removeprefix("loopserve:")
+                if "{" in key:
+                    base, _, label = key.partition("{")
+                    if base == "session_retention_released_total":
+                        key = "session_released_" + label.split('"')[1]
+                    else:
+                        continue
+                with contextlib.suppress(ValueError):
+                    values[key] = float(value)
+        return values
+
+    def _observe(self, v: dict[str, float]) -> None:
+        self.samples += 1
+        total, free = v.get("kv_cache_total_blocks", 0.0), v.get("kv_cache_free_blocks", 0.0)
+        self.peak_used = max(self.peak_used, total - free)
+        self.peak_pinned = max(self.peak_pinned, v.get("session_pinned_blocks", 0.0))
+
+    async def start(self) -> None:
+        if self.interval <= 0:
+            return
+        self.start_values = await self.read()
+        if self.start_values is None:
+            return
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self.interval)
+                v = await self.read()
+                if v is not None:
+                    self._observe(v)
+
+        self._task = asyncio.create_task(loop())
+
+    async def stop(self) -> dict | None:
+        if self._task is None:
+            return None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        end = await self.read() or {}
+        self._observe(end)
+        start = self.start_values or {}
+        delta = {k.removesuffix("_total"): end.get(k, 0.0) - start.get(k, 0.0) for k in self.COUNTERS}
+        for reason in ("expired", "pressure"):
+            delta[f"session_released_{reason}"] = (end.get(f"session_released_{reason}", 0.0)
+                                                   - start.get(f"session_released_{reason}", 0.0))
+        total = end.get("kv_cache_total_blocks", 0.0)
+        return {"total_blocks": total, "peak_used_blocks": self.peak_used,
+                "peak_usage": _r(self.peak_used / total if total else None, 4),
+                "peak_pinned_blocks": self.peak_pinned, "samples": self.samples, **delta}
+
+
+def compare_head_of_line(baseline: dict, loaded: dict) -> dict:
+    """Short steps' TTFT with the long prompt against the same workload without it."""
+    def ttfts(report: dict) -> list[float]:
+        return [r["ttft_s"] for r in report["rows"]
+                if r["kind"] != "long_prompt" and r["ok"] and r["ttft_s"] is not None]
+
+    base, load = ttfts(baseline), ttfts(loaded)
+    hol = loaded.get("head_of_line") or {}
+    lo, hi = hol.get("prefill_window_s") or (None, None)
+    during = [r["ttft_s"] for r in loaded["rows"] if lo is not None and r["kind"] != "long_prompt" and r["ok"]
+              and r["ttft_s"] is not None and r["t_start_s"] < hi and r["t_start_s"] + r["ttft_s"] > lo]
+    p99_base, p99_load, p99_during = percentile(base, 99), percentile(load, 99), percentile(during, 99)
+    return {"short_ttft_p99_without_s": _r(p99_base), "short_ttft_p99_with_s": _r(p99_load),
+            "short_ttft_p99_during_prefill_s": _r(p99_during), "n_during_prefill": len(during),
+            "short_ttft_p50_without_s": _r(percentile(base, 50)), "short_ttft_p50_with_s": _r(percentile(load, 50)),
+            "p99_ratio": _r(p99_load / p99_base if p99_base and p99_load else None, 3),
+            "p99_during_ratio": _r(p99_during / p99_base if p99_base and p99_during else None, 3),
+            "long_prompt_ttft_s": (hol.get("row") or {}).get("ttft_s"),
+            "baseline_wall_s": baseline.get("wall_s")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -730,6 +844,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="head-of-line mode: one extra cold prompt of about this many tokens (default: off)")
     g.add_argument("--long-prompt-at-s", type=float, default=d["long_prompt_at_s"],
                    help="when to send it, seconds after the sessions start (default: 5)")
+    g.add_argument("--hol-baseline", action="store_true",
+                   help="with --long-prompt-tokens: first run the workload without the long prompt and report "
+                        "the short steps' p99 TTFT ratio (head_of_line_comparison)")
     g.add_argument("--history", choices=["reply", "synthetic"], default="reply",
                    help="assistant turns in the history: the server's replies, or scripted actions (default: reply)")
     g.add_argument("--tool-role", choices=["user", "tool"], default="user",
@@ -744,6 +861,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-warmup", action="store_true", help="skip the one short warm-up request")
     g.add_argument("--label", default="", help="free text stored in the report")
+    g.add_argument("--metrics-poll-s", type=float, default=d["metrics_poll_s"],
+                   help="poll a loopserve server's /metrics this often for peak KV use (0: off; default: 0.25)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -768,6 +887,16 @@ def format_summary(report: dict) -> str:
     if hol:
         lines.append(f"  long prompt TTFT {f(hol['row']['ttft_s'])}; step TTFT p50 during its prefill "
                      f"{f(hol['ttft_p50_during_s'])} (n={hol['n_steps_during']}) vs other {f(hol['ttft_p50_other_s'])}")
+    cmp_ = report.get("head_of_line_comparison")
+    if cmp_:
+        lines.append(f"  short-step TTFT p99 without the long prompt {f(cmp_['short_ttft_p99_without_s'])}, with it "
+                     f"{f(cmp_['short_ttft_p99_with_s'])} (x{cmp_['p99_ratio']}), during its prefill "
+                     f"{f(cmp_['short_ttft_p99_during_prefill_s'])} (x{cmp_['p99_during_ratio']})")
+    kv = report.get("server_kv")
+    if kv:
+        lines.append(f"  server KV: peak {kv['peak_used_blocks']:.0f}/{kv['total_blocks']:.0f} blocks, peak pinned "
+                     f"{kv['peak_pinned_blocks']:.0f}, pins released for pressure {kv['session_released_pressure']:.0f}, "
+                     f"preemptions {kv['num_preemptions']:.0f}, COW tokens {kv['kv_cow_tokens']:.0f}")
     for e in report["error_samples"]:
         lines.append(f"  error: {e}")
     return "\n".join(lines)
@@ -777,7 +906,16 @@ def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     """Entry point of `loopserve bench agent` (a Namespace from the CLI parser) and `python -m bench.agent`."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     try:
+        baseline = None
+        if args.hol_baseline and args.long_prompt_tokens:
+            base_args = argparse.Namespace(**{**vars(args), "long_prompt_tokens": 0,
+                                              "prefix_salt": f"{args.prefix_salt or ''}hol-baseline"})
+            baseline, _ = asyncio.run(run_async(base_args))
+            print(format_summary(baseline), file=sys.stderr, flush=True)
         report, rows = asyncio.run(run_async(args))
+        if baseline is not None:
+            report["head_of_line_comparison"] = compare_head_of_line(baseline, report)
+            report["baseline"] = {k: v for k, v in baseline.items() if k != "rows"}
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, ValueError) else 1

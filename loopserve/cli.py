@@ -224,7 +224,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     import os
 
     from loopserve.config import (DEFAULT_BLOCK_SIZE, DEFAULT_HOST, DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                                  DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_PORT, ServerConfig)
+                                  DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_WAITING_REQUESTS, DEFAULT_PORT, SchedulerConfig,
+                                  ServerConfig)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"(default: {DEFAULT_PORT})")
     p.add_argument("--served-model-name", default=None,
@@ -243,6 +244,19 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    help=f"tokens per KV-cache block (default: {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
+    p.add_argument("--session-retention", type=float, default=ServerConfig.session_retention_s, metavar="SECONDS",
+                   help="agent sessions (X-Session-Id or `user`): seconds a finished turn's KV stays pinned when "
+                        "the request sends no hint; 0 turns retention off "
+                        f"(default: {ServerConfig.session_retention_s:g})")
+    p.add_argument("--host-kv-cache-bytes", type=_parse_bytes, default=None,
+                   help="host-memory tier for retained sessions' KV forced off the device, e.g. 8G "
+                        "(default: 4 GiB on GPU, 0 on CPU)")
+    p.add_argument("--long-prompt-threshold", type=int, default=SchedulerConfig.long_prompt_threshold,
+                   help="head-of-line protection: a prefill with more tokens left than this yields to shorter "
+                        f"work (default: {SchedulerConfig.long_prompt_threshold})")
+    p.add_argument("--long-prompt-chunk", type=int, default=None,
+                   help="tokens a yielding long prefill gets per step while shorter work exists; it doubles "
+                        "each step the prefill runs alone (default: 1024 on GPU, 128 on CPU)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' '
                         "(methods: ngram, draft_model with \"model\", lookahead; default: off)")
@@ -271,11 +285,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
     from loopserve.fetch import resolve_model
 
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-        if getattr(args, name) < 1:
+    from loopserve.config import MAX_SESSION_RETENTION_S
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "long_prompt_threshold", "long_prompt_chunk"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError("--max-model-len must be >= 2")
+    if not 0 <= args.session_retention <= MAX_SESSION_RETENTION_S:
+        raise UsageError(f"--session-retention must be in [0, {MAX_SESSION_RETENTION_S:g}]")
     if args.max_waiting_requests < 0:
         raise UsageError("--max-waiting-requests must be >= 0")
     if not 0 <= args.port <= 65535:
@@ -290,12 +307,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs))
+                          enable_prefix_caching=not args.no_prefix_caching,
+                          host_kv_cache_bytes=args.host_kv_cache_bytes),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                                  long_prompt_threshold=args.long_prompt_threshold,
+                                  long_prompt_chunk=args.long_prompt_chunk))
     server_config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                                  served_model_name=args.served_model_name or args.model,
                                  max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout,
-                                 tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+                                 tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                                 session_retention_s=args.session_retention)
     from loopserve.server.launcher import run_server
     return run_server(engine_config, server_config, log_level=args.log_level, access_log=not args.no_access_log)
 

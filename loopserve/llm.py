@@ -30,7 +30,7 @@ class LLM:
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  long_prefill_token_threshold: int | None = None,
                  long_prompt_threshold: int = SchedulerConfig.long_prompt_threshold,
-                 long_prompt_chunk: int = SchedulerConfig.long_prompt_chunk,
+                 long_prompt_chunk: int | None = None,
                  host_kv_cache_bytes: int | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False) -> None:

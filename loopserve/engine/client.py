@@ -144,7 +144,8 @@ class AsyncEngineClient:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
-                       prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[StreamUpdate]:
+                       prompt: str | None = None, cache_salt: str | None = None, session_id: str | None = None,
+                       retention_s: float = 0.0) -> AsyncIterator[StreamUpdate]:
         """Yield one StreamUpdate per engine step that produced tokens, until every sample finished.
 
         Closing the iterator early (client disconnect) aborts the request in the engine.
@@ -157,7 +158,8 @@ class AsyncEngineClient:
         state = _Inflight(asyncio.Queue(), now, num_prompt_tokens=len(prompt_token_ids))
         self._inflight[request_id] = state
         requests = [EngineRequest(rid, list(prompt_token_ids), params.for_sample(i) if params.n > 1 else params,
-                                  cache_salt=cache_salt, wait_for=engine_ids[0] if i else None, arrival_time=now)
+                                  cache_salt=cache_salt, wait_for=engine_ids[0] if i else None, arrival_time=now,
+                                  session_id=session_id, retention_s=retention_s)
                     for i, rid in enumerate(engine_ids)]
         finished = False
         try:

@@ -120,7 +120,7 @@ class EngineCore:
             long_prefill_token_threshold=config.scheduler.long_prefill_token_threshold,
             max_model_len=self.max_model_len,
             long_prompt_threshold=config.scheduler.long_prompt_threshold,
-            long_prompt_chunk=config.scheduler.long_prompt_chunk)
+            long_prompt_chunk=config.scheduler.long_chunk(on_gpu=self.device.type == "cuda"))
         num_host_blocks = _num_host_blocks(cache, self.model_config, self.dtype, self.device)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, num_host_blocks)
         self.scheduler = Scheduler(sched_cfg, self.kv)

@@ -85,7 +85,10 @@ def _loop(core, inbox, send) -> None:
         if core.has_unfinished():
             send(EngineStep(core.step(), core.stats()))
             stats_dirty = True
-        elif stats_dirty:
+            continue
+        if core.expire_sessions():
+            stats_dirty = True  # pins ended while idle: the gauges should show it
+        if stats_dirty:
             # Idle: one last snapshot so gauges (running, KV usage) settle at their idle values.
             send(EngineStep([], core.stats()))
             stats_dirty = False

@@ -49,6 +49,7 @@ class SessionRetention:
         self.kv = kv
         self.clock = clock
         self._pins: dict[str, _Pin] = {}
+        self._pin_refs: dict[int, int] = {}  # block id -> pins holding it (sessions share the system prompt)
         self.pinned_total = 0
         self.expired_total = 0
         self.pressure_total = 0
@@ -70,8 +71,10 @@ class SessionRetention:
         self.kv.pool.touch(blocks)
         for b in blocks:
             self.kv.pool.offload_on_evict.discard(b.block_hash)
+            self._pin_refs[b.block_id] = self._pin_refs.get(b.block_id, 0) + 1
         old = self._pins.pop(sid, None)
         if old is not None:
+            self._unref(old)
             self.kv.pool.release(old.blocks[::-1])
         self._pins[sid] = _Pin(blocks, self.clock() + seconds, tail)
         self.pinned_total += 1
@@ -111,9 +114,17 @@ class SessionRetention:
         if offload and pool.host is not None:
             # Copied out only if the allocator really reuses them (see BlockPool._evict).
             pool.offload_on_evict.update(b.block_hash for b in pin.blocks if b.block_hash is not None)
+        self._unref(pin)
         pool.release(pin.blocks[::-1])
 
+    def _unref(self, pin: _Pin) -> None:
+        for b in pin.blocks:
+            n = self._pin_refs[b.block_id] - 1
+            if n:
+                self._pin_refs[b.block_id] = n
+            else:
+                del self._pin_refs[b.block_id]
+
     def stats(self) -> RetentionStats:
-        pinned = {b.block_id for p in self._pins.values() for b in p.blocks}
-        return RetentionStats(len(self._pins), len(pinned), self.pinned_total, self.expired_total,
+        return RetentionStats(len(self._pins), len(self._pin_refs), self.pinned_total, self.expired_total,
                               self.pressure_total)

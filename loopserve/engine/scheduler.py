@@ -15,8 +15,9 @@ count stops at the last accepted token and the blocks past it are released (roll
 Head-of-line protection: while shorter work is running or waiting, a prompt with more than
 long_prompt_threshold tokens left to prefill is scheduled after everyone else (admissions included)
 and gets at most long_prompt_chunk tokens a step, so a long cold prompt costs each short agent step
-one small chunk of extra step time instead of a whole budget-sized one. Alone, it prefills at the
-full per-step cap.
+one small chunk of extra step time instead of a whole budget-sized one. Alone, its chunk doubles
+every step up to the per-step cap: full speed soon, yet a short request arriving just after a quiet
+spell (agents in their tool pauses) never waits behind one huge step.
 
 Session retention (engine/retention.py): finished turns of a session stay pinned; pins are released
 (closest to expiry first) before any request is preempted or left waiting for blocks.
@@ -79,6 +80,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.retention = SessionRetention(kv)
+        self._alone_steps = 0  # consecutive steps in which long prefills had no shorter work beside them
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -98,18 +100,24 @@ class Scheduler:
 
         # Long prefills yield to everything else when there is anything else.
         long_running = [r for r in self.running if self._is_long(r)]
-        contended = len(long_running) < len(self.running) or any(
-            not self._is_long(r) for r in self.waiting)
+        long_waiting = sum(1 for r in self.waiting if self._is_long(r))
+        contended = len(long_running) < len(self.running) or long_waiting < len(self.waiting)
         deferred = long_running if contended else []
         first = [r for r in self.running if r not in deferred] if deferred else list(self.running)
+        chunk = self.config.long_chunk()
+        if contended or not (long_running or long_waiting):
+            self._alone_steps = 0
+            long_cap = min(cap, chunk)
+        else:
+            long_cap = min(cap, chunk << min(self._alone_steps, 30))
+            self._alone_steps += 1
 
-        budget = self._schedule_running(first, out, budget, cap)
+        budget = self._schedule_running(first, out, budget, cap, long_cap)
         if out.preempted:
             return self._finish(out)
-        budget = self._admit(out, budget, cap, contended)
+        budget = self._admit(out, budget, cap, contended, long_cap)
         if deferred and budget > 0:
-            self._schedule_running(deferred, out, budget, min(cap, self.config.long_prompt_chunk),
-                                   may_preempt=False)
+            self._schedule_running(deferred, out, budget, long_cap, long_cap, may_preempt=False)
         return self._finish(out)
 
     def _allocate_or_release(self, req: Request, n: int, hit=()) -> bool:
@@ -119,7 +127,7 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_running(self, reqs: list[Request], out: SchedulerOutput, budget: int, cap: int,
+    def _schedule_running(self, reqs: list[Request], out: SchedulerOutput, budget: int, cap: int, long_cap: int,
                           may_preempt: bool = True) -> int:
         i = 0
         while i < len(reqs) and budget > 0:
@@ -128,7 +136,7 @@ class Scheduler:
                 i += 1  # preempted by an earlier request of this step
                 continue
             left = req.num_tokens - req.num_computed_tokens
-            n = min(left, cap, budget)
+            n = min(left, long_cap if left > self.config.long_prompt_threshold else cap, budget)
             if n <= 0:
                 i += 1
                 continue
@@ -155,14 +163,13 @@ class Scheduler:
             break  # the request itself was preempted: every later one already was too
         return budget
 
-    def _admit(self, out: SchedulerOutput, budget: int, cap: int, contended: bool) -> int:
+    def _admit(self, out: SchedulerOutput, budget: int, cap: int, contended: bool, long_cap: int) -> int:
         """Admit waiting requests in order; when contended, long prompts only after every short one."""
         skipped: list[Request] = []
         long_ones: list[Request] = []
         for long_pass in (False, True):
             if long_pass:
                 self.waiting.extendleft(reversed(long_ones))
-                cap = min(cap, self.config.long_prompt_chunk)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 if ((req.wait_for is not None and not self._sibling_ready(req.wait_for))
@@ -174,7 +181,8 @@ class Scheduler:
                 if contended and not long_pass and self._is_long(req, num_hit):
                     long_ones.append(self.waiting.popleft())
                     continue
-                n = min(req.num_tokens - num_hit, cap, budget)
+                left = req.num_tokens - num_hit
+                n = min(left, long_cap if left > self.config.long_prompt_threshold else cap, budget)
                 if not self._allocate_or_release(req, n, hit):
                     break
                 self.waiting.popleft()

@@ -14,7 +14,7 @@ from loopserve.server.protocol import (ChatCompletionRequest, new_id, now, safe_
 from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
                                       generation_error, sse, usage_chunk,
                                       sse_error, stream_outputs, until_disconnect)
-from loopserve.server.sessions import SESSION_HEADER, session_id
+from loopserve.server.sessions import SessionRef
 from loopserve.server.tooling import ChoiceStream, ToolPlan, final_message, plan_tools
 
 router = APIRouter()
@@ -54,7 +54,7 @@ def chat_response(request_id: str, model: str, created: int, result: RequestOutp
 
 
 async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: Prompt, params, request_id: str,
-                      created: int, k: int | None, plan: ToolPlan, sid: str | None) -> AsyncIterator[bytes]:
+                      created: int, k: int | None, plan: ToolPlan, session: SessionRef | None) -> AsyncIterator[bytes]:
     include_usage = body.include_usage()
 
     def chunk(choices: list[dict]) -> bytes:
@@ -66,7 +66,7 @@ async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: P
 
     result: RequestOutput | None = None
     streams = [ChoiceStream(plan, state.config.reasoning_parser) for _ in range(params.n)]
-    async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt)) as updates:
+    async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt, session)) as updates:
         for i in range(params.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
@@ -94,8 +94,8 @@ async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: P
             yield sse_error(e)
             yield SSE_DONE
             return
-    if sid is not None and result is not None:
-        state.sessions.finish(sid, prompt.token_ids, result.outputs[0].token_ids)
+    if session is not None and result is not None:
+        state.sessions.finish(session.id, prompt.token_ids, result.outputs[0].token_ids)
     if include_usage and result is not None:
         completion = sum(len(o.token_ids) for o in result.outputs)
         yield usage_chunk(request_id, "chat.completion.chunk", created, state.model_name,
@@ -126,24 +126,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params.max_tokens = state.fit_max_tokens(len(ids), requested, "messages", max_param)
     prompt = Prompt(text, ids)
-    sid = session_id(request.headers.get(SESSION_HEADER), body.user)
-    if sid is not None:
-        state.sessions.check(sid, ids, state.tokenizer.decode)
+    session = state.session(request, body)
+    if session is not None:
+        state.sessions.check(session.id, ids, state.tokenizer.decode)
     request_id = new_id("chatcmpl")
     created = now()
     if body.stream:
-        return EventStreamResponse(chat_events(state, body, prompt, params, request_id, created, k, plan, sid))
+        return EventStreamResponse(chat_events(state, body, prompt, params, request_id, created, k, plan, session))
 
     async def work():
         result = None
         try:
-            async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt)) as ups:
+            async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt,
+                                               session)) as ups:
                 async for _, update in ups:
                     result = update.output
         except Exception as e:  # noqa: BLE001
             return generation_error(e).response()
-        if sid is not None:
-            state.sessions.finish(sid, ids, result.outputs[0].token_ids)
+        if session is not None:
+            state.sessions.finish(session.id, ids, result.outputs[0].token_ids)
         return JSONResponse(chat_response(request_id, state.model_name, created, result, k, plan,
                                           state.config.reasoning_parser))
 

@@ -13,6 +13,7 @@ from loopserve.sampling_params import SampleLogprobs, SamplingParams
 from loopserve.server.errors import bad_request, from_value_error
 from loopserve.server.protocol import (MAX_PROMPTS_PER_REQUEST, CompletionRequest, new_id, now, safe_logprob,
                                        top_entries, usage)
+from loopserve.server.sessions import SessionRef
 from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
                                       generation_error, sse, usage_chunk,
                                       sse_error, stream_outputs, until_disconnect)
@@ -108,7 +109,8 @@ def completion_response(state: ServerState, request_id: str, created: int, promp
 
 
 async def completion_events(state: ServerState, body: CompletionRequest, prompts: list[Prompt],
-                            params: SamplingParams, request_id: str, created: int, k: int | None) -> AsyncIterator[bytes]:
+                            params: SamplingParams, request_id: str, created: int, k: int | None,
+                            session: SessionRef | None = None) -> AsyncIterator[bytes]:
     include_usage = body.include_usage()
     n = params.n
 
@@ -121,7 +123,8 @@ async def completion_events(state: ServerState, body: CompletionRequest, prompts
 
     builders: dict[int, LogprobsBuilder] = {}
     results: dict[int, RequestOutput] = {}
-    async with aclosing(stream_outputs(state.client, prompts, params, request_id, body.cache_salt)) as updates:
+    async with aclosing(stream_outputs(state.client, prompts, params, request_id, body.cache_salt,
+                                       session)) as updates:
         if body.echo:
             for i, p in enumerate(prompts):
                 text = _prompt_text(state, p)
@@ -176,13 +179,15 @@ async def create_completion(body: CompletionRequest, request: Request):
         p.params = params if fitted == params.max_tokens else replace(params, max_tokens=fitted)
     request_id = new_id("cmpl")
     created = now()
+    session = state.session(request, body)
     if body.stream:
-        return EventStreamResponse(completion_events(state, body, prompts, params, request_id, created, k))
+        return EventStreamResponse(completion_events(state, body, prompts, params, request_id, created, k, session))
 
     async def work():
         results: dict[int, RequestOutput] = {}
         try:
-            async with aclosing(stream_outputs(state.client, prompts, params, request_id, body.cache_salt)) as ups:
+            async with aclosing(stream_outputs(state.client, prompts, params, request_id, body.cache_salt,
+                                               session)) as ups:
                 async for i, update in ups:
                     results[i] = update.output
         except Exception as e:  # noqa: BLE001

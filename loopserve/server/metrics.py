@@ -59,6 +59,29 @@ class ServerMetrics:
         self.session_drift = Counter(PREFIX + "session_template_drift",
                                      "Session turns whose prompt did not extend the previous turn's prompt + "
                                      "output (the prefix cache misses from the first difference).", registry=r)
+        self.retained_sessions = Gauge(PREFIX + "session_retained", "Agent sessions whose last turn's KV is pinned.",
+                                       registry=r)
+        self.retained_blocks = Gauge(PREFIX + "session_pinned_blocks",
+                                     "KV blocks pinned by retained sessions (not evictable).", registry=r)
+        self.retention_pins = Counter(PREFIX + "session_retention_pins", "Finished session turns pinned.",
+                                      registry=r)
+        self.retention_released = Counter(
+            PREFIX + "session_retention_released", "Session pins ended: `expired` (the hint passed) or `pressure` "
+            "(released early because a request needed the blocks).", ["reason"], registry=r)
+        for reason in ("expired", "pressure"):
+            self.retention_released.labels(reason=reason)
+        self.kv_offloaded = Counter(PREFIX + "kv_offloaded_blocks", "KV blocks copied to host memory on eviction.",
+                                    registry=r)
+        self.kv_restored = Counter(PREFIX + "kv_restored_blocks",
+                                   "KV blocks restored from host memory instead of recomputed.", registry=r)
+        self.host_kv_total = Gauge(PREFIX + "kv_host_tier_blocks", "Blocks of the host-memory KV tier.",
+                                   registry=r)
+        self.host_kv_used = Gauge(PREFIX + "kv_host_tier_used_blocks", "Blocks held in the host-memory KV tier.",
+                                  registry=r)
+        self.cow_copies = Counter(PREFIX + "kv_cow_copies", "Copy-on-write block copies at a prefix divergence.",
+                                  registry=r)
+        self.cow_tokens = Counter(PREFIX + "kv_cow_tokens", "Prompt tokens served by copy-on-write instead of "
+                                  "recomputed.", registry=r)
         self._last: EngineStats | None = None
 
     # ---- RequestObserver -----------------------------------------------------------------------
@@ -82,12 +105,27 @@ class ServerMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.kv_free.set(stats.num_free_blocks)
         self.kv_total.set(stats.num_blocks)
+        self.retained_sessions.set(stats.retention.sessions)
+        self.retained_blocks.set(stats.retention.pinned_blocks)
+        self.host_kv_total.set(stats.host_kv_blocks)
+        self.host_kv_used.set(stats.host_kv_blocks_used)
         last = self._last
+        ret, last_ret = stats.retention, last.retention if last else None
+        moves, last_moves = stats.kv_moves, last.kv_moves if last else None
         # The engine reports running totals; counters advance by the difference.
         for counter, now, before in (
                 (self.prefix_queries, stats.prefix_queried_tokens, last.prefix_queried_tokens if last else 0),
                 (self.prefix_hits, stats.prefix_hit_tokens, last.prefix_hit_tokens if last else 0),
-                (self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0)):
+                (self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0),
+                (self.retention_pins, ret.pinned_total, last_ret.pinned_total if last_ret else 0),
+                (self.retention_released.labels(reason="expired"), ret.expired_total,
+                 last_ret.expired_total if last_ret else 0),
+                (self.retention_released.labels(reason="pressure"), ret.pressure_total,
+                 last_ret.pressure_total if last_ret else 0),
+                (self.kv_offloaded, moves.offloaded_blocks, last_moves.offloaded_blocks if last_moves else 0),
+                (self.kv_restored, moves.restored_blocks, last_moves.restored_blocks if last_moves else 0),
+                (self.cow_copies, moves.cow_copies, last_moves.cow_copies if last_moves else 0),
+                (self.cow_tokens, moves.cow_tokens, last_moves.cow_tokens if last_moves else 0)):
             if now > before:
                 counter.inc(now - before)
         spec, last_spec = stats.spec_decode, last.spec_decode if last else None

@@ -86,6 +86,9 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None
+    # Agent sessions (loopserve extension): seconds to keep this turn's KV pinned after it finishes, for
+    # the session named by the X-Session-Id header or `user`. Also accepted as the X-Session-Retention header.
+    session_retention: float | None = None
     # Constrained decoding: OpenAI's response_format, and vLLM's extensions (structured_outputs and
     # the older guided_* fields), so clients written for either carry over.
     response_format: dict[str, Any] | None = None

@@ -19,7 +19,7 @@ from loopserve.engine.output_processor import StreamUpdate
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
 from loopserve.server.protocol import ChatMessage, usage
-from loopserve.server.sessions import SessionTracker
+from loopserve.server.sessions import SessionRef, SessionTracker, session_ref
 from loopserve.server.tooling import ToolPlan, render_conversation
 from loopserve.tools import detect_parser, get_parser, template_renders_tools
 
@@ -41,6 +41,14 @@ class ServerState:
     admitted: int = 0  # requests inside a generation endpoint right now (admission control)
     sessions: SessionTracker = field(default_factory=SessionTracker)
     _max_token_chars: int | None = None
+
+    def session(self, request, body) -> SessionRef | None:
+        """The request's agent session and retention hint (400 when the hint is bad)."""
+        from loopserve.server.errors import bad_request
+        try:
+            return session_ref(request.headers, body.user, body.session_retention, self.config.session_retention_s)
+        except ValueError as e:
+            raise bad_request(str(e), param="session_retention") from None
 
     # ---- engine facts ------------------------------------------------------------------------
     @property
@@ -165,17 +173,18 @@ class Prompt:
 
 
 async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], params: SamplingParams,
-                         request_id: str, cache_salt: str | None = None
+                         request_id: str, cache_salt: str | None = None, session: SessionRef | None = None
                          ) -> AsyncIterator[tuple[int, StreamUpdate]]:
     """(prompt index, update) for every engine step of every prompt, until all are finished.
 
     Closing this iterator (or cancelling its consumer) closes every engine stream, which aborts
     the unfinished requests in the engine and frees their KV blocks.
     """
+    sess = {"session_id": session.id, "retention_s": session.retention_s} if session is not None else {}
     if len(prompts) == 1:
         p = prompts[0]
         async with aclosing(client.generate(p.token_ids, p.params or params, request_id=request_id, prompt=p.text,
-                                            cache_salt=cache_salt)) as gen:
+                                            cache_salt=cache_salt, **sess)) as gen:
             async for update in gen:
                 yield 0, update
         return
@@ -186,7 +195,7 @@ async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], param
     async def pump(i: int, p: Prompt) -> None:
         try:
             async with aclosing(client.generate(p.token_ids, p.params or params, request_id=f"{request_id}-{i}",
-                                                prompt=p.text, cache_salt=cache_salt)) as gen:
+                                                prompt=p.text, cache_salt=cache_salt, **sess)) as gen:
                 async for update in gen:
                     queue.put_nowait((i, update))
         except asyncio.CancelledError:

@@ -1,4 +1,5 @@
-"""Agent sessions seen by the API: template-drift detection.
+"""Agent sessions seen by the API: which session a request belongs to, its KV retention hint, and
+template-drift detection.
 
 A session is named by the `X-Session-Id` header or, failing that, the request's `user` field. Each
 turn of an agent loop should resend the previous turn's prompt plus its output and then append: that
@@ -12,12 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from loopserve.config import MAX_SESSION_RETENTION_S
 
 log = logging.getLogger("loopserve.server")
 
 SESSION_HEADER = "x-session-id"
+RETENTION_HEADER = "x-session-retention"
 # Sessions remembered at once (least recently used forgotten first) and context tokens in a log line.
 MAX_SESSIONS = 4096
 CONTEXT_TOKENS = 6
@@ -38,6 +43,32 @@ class Drift:
 
 def session_id(header: str | None, user: str | None) -> str | None:
     return header or user or None
+
+
+@dataclass(frozen=True)
+class SessionRef:
+    """The session a request belongs to and how long its finished turn stays pinned in the KV cache."""
+    id: str
+    retention_s: float
+
+
+def session_ref(headers, user: str | None, body_retention: float | None, default_retention: float) -> SessionRef | None:
+    """Resolve the session from X-Session-Id / `user` and the retention hint from the body field
+    `session_retention`, the X-Session-Retention header, or the server's default; ValueError when bad."""
+    sid = session_id(headers.get(SESSION_HEADER), user)
+    raw = body_retention if body_retention is not None else headers.get(RETENTION_HEADER)
+    if raw is None:
+        seconds = default_retention
+    else:
+        try:
+            seconds = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"session_retention must be a number of seconds, got {raw!r}") from None
+        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SESSION_RETENTION_S):
+            raise ValueError(f"session_retention must be in [0, {MAX_SESSION_RETENTION_S:g}] seconds, got {raw!r}")
+        if sid is None:
+            raise ValueError("session_retention needs a session: set the X-Session-Id header or `user`")
+    return SessionRef(sid, seconds) if sid is not None else None
 
 
 class SessionTracker:

@@ -147,6 +147,13 @@ def start_server(model_dir: Path, log_dir: Path, *, max_model_len: int = 512, ap
         time.sleep(0.5)
 
 
+def pool_whole(m: dict[str, float]) -> bool:
+    """Every KV block is free or pinned by a retained agent session (nothing held by a request)."""
+    free, total = metric(m, "kv_cache_free_blocks"), metric(m, "kv_cache_total_blocks")
+    pinned = metric(m, "session_pinned_blocks") or 0
+    return free is not None and total is not None and total > 0 and free + pinned == total
+
+
 def wait_idle(server: ServerProc, timeout: float = 15.0, need_blocks: bool = False) -> dict[str, float]:
     """Poll /metrics until no request runs or waits (and, with need_blocks, every KV block is free).
 
@@ -160,8 +167,7 @@ def wait_idle(server: ServerProc, timeout: float = 15.0, need_blocks: bool = Fal
         waiting = metric(last, "num_requests_waiting")
         ok = running == 0 and (waiting in (None, 0))
         if need_blocks:
-            free, total = metric(last, "kv_cache_free_blocks"), metric(last, "kv_cache_total_blocks")
-            ok = ok and free is not None and total is not None and free == total
+            ok = ok and pool_whole(last)
         if ok:
             return last
         if time.monotonic() > deadline:

@@ -45,6 +45,9 @@ def test_agent_sessions(server, tiny_llama, tmp_path):
     assert all(len(p) == 3 and p[0] < p[1] < p[2] for p in by_session.values())  # growing history
     assert [e["step"] for e in r["by_step_index"]] == [0, 1, 2]
     assert all(e["n"] == 2 and e["latency_p50_s"] > 0 for e in r["by_step_index"])
+    kv = r["server_kv"]  # polled from loopserve's /metrics
+    assert kv["total_blocks"] > 0 and 0 < kv["peak_used_blocks"] <= kv["total_blocks"]
+    assert kv["session_retention_pins"] == 6  # every finished turn of a session is pinned
     png = out.with_suffix(".png")
     assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -62,6 +65,20 @@ def test_agent_fanout(server, tiny_llama, tmp_path):
     assert all(row["cached_tokens"] > 0 for row in workers)
     assert r["by_step_index"][0]["worker_n"] == 2 and r["cached_prompt_token_ratio"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+    # The second worker diverges from the first inside a block: it copies that block (copy-on-write).
+    assert r["server_kv"]["kv_cow_tokens"] > 0
+
+
+def test_agent_head_of_line_mode(server, tiny_llama, tmp_path):
+    out = tmp_path / "hol.json"
+    r = run_bench(server, tiny_llama, out, "--sessions", "2", "--steps", "3", "--seed", "3", "--no-warmup",
+                  "--long-prompt-tokens", "300", "--long-prompt-at-s", "0", "--hol-baseline", "--no-plot")
+    cmp_ = r["head_of_line_comparison"]
+    assert cmp_["short_ttft_p99_without_s"] > 0 and cmp_["short_ttft_p99_with_s"] > 0
+    assert cmp_["p99_ratio"] == round(cmp_["short_ttft_p99_with_s"] / cmp_["short_ttft_p99_without_s"], 3)
+    assert cmp_["long_prompt_ttft_s"] > 0
+    assert r["baseline"]["workload"]["long_prompt_tokens"] == 0 and r["baseline"]["requests"] == 6
+    assert sum(row["kind"] == "long_prompt" for row in r["rows"]) == 1
 
 
 def test_agent_server_errors_are_recorded(server, tmp_path):

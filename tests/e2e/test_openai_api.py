@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.e2e.server_proc import pool_whole
+
 MSG = [{"role": "user", "content": "The quick brown fox"}]
 GREEDY = {"temperature": 0.0}
 NO_EOS = {"ignore_eos": True}  # the tiny random model may emit EOS at any point
@@ -201,8 +203,7 @@ def _wait_idle(server, timeout=5.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        if (m["loopserve:num_requests_running"] == 0
-                and m["loopserve:kv_cache_free_blocks"] == m["loopserve:kv_cache_total_blocks"]):
+        if m["loopserve:num_requests_running"] == 0 and pool_whole(m):
             return m
         if time.monotonic() > deadline:
             return m
@@ -239,7 +240,7 @@ def test_disconnect_mid_stream_frees_everything(server, path, body):
                     break
     m = _wait_idle(server)
     assert m["loopserve:num_requests_running"] == 0
-    assert m["loopserve:kv_cache_free_blocks"] == m["loopserve:kv_cache_total_blocks"]
+    assert pool_whole(m)
     assert _finished(m) == before  # aborted, not run to completion
     assert _aborted(m) == aborted_before + 1
 
@@ -252,7 +253,7 @@ def test_disconnect_non_streaming_aborts(server):
                    json={"prompt": "hello", "max_tokens": 900, "ignore_eos": True})
     m = _wait_idle(server)
     assert m["loopserve:num_requests_running"] == 0
-    assert m["loopserve:kv_cache_free_blocks"] == m["loopserve:kv_cache_total_blocks"]
+    assert pool_whole(m)
     assert _finished(m) == before
     assert _aborted(m) == aborted_before + 1
 
@@ -292,3 +293,38 @@ def test_session_template_drift_is_counted_in_metrics(server):
     assert server.metrics().get(key, 0.0) == before + 1
     client.chat.completions.create(model=server.model, messages=rewritten, max_tokens=3, temperature=0)
     assert server.metrics().get(key, 0.0) == before + 1  # no session id: not tracked
+
+
+def test_session_retention_pins_a_turn_and_reports_it(server):
+    """A session turn stays pinned (visible in /metrics) and its next turn is served from cache."""
+    client = server.openai()
+    m0 = server.metrics()
+    pins0 = m0.get("loopserve:session_retention_pins_total", 0.0)
+    messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}]
+    headers = {"X-Session-Id": "retention-test", "X-Session-Retention": "120"}
+    first = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0,
+                                           extra_headers=headers)
+    m1 = server.metrics()
+    assert m1["loopserve:session_retention_pins_total"] == pins0 + 1
+    assert m1["loopserve:session_retained"] >= 1 and m1["loopserve:session_pinned_blocks"] > 0
+    follow = messages + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "and then?"}]
+    second = client.chat.completions.create(model=server.model, messages=follow, max_tokens=4, temperature=0,
+                                            extra_body={"session_retention": 30}, extra_headers={
+                                                "X-Session-Id": "retention-test"})
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert pool_whole(server.metrics())
+
+
+@pytest.mark.parametrize("extra,headers,fragment", [
+    ({"session_retention": -1}, {"X-Session-Id": "s"}, "session_retention must be in"),
+    ({"session_retention": 1e9}, {"X-Session-Id": "s"}, "session_retention must be in"),
+    ({}, {"X-Session-Id": "s", "X-Session-Retention": "soon"}, "must be a number"),
+    ({"session_retention": 10}, {}, "needs a session"),
+])
+def test_bad_session_retention_is_400(server, extra, headers, fragment):
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers={**server.headers, **headers},
+                   json={"model": server.model, "messages": MSG, "max_tokens": 2, **extra})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["param"] == "session_retention"

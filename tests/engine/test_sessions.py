@@ -197,10 +197,10 @@ def test_long_prompt_yields_to_short_requests(make_llm, chunk):
     assert [o.outputs[0].token_ids for o in outs] == alone
 
 
-def test_long_prompt_alone_is_not_slowed(make_llm):
+def test_long_prompt_alone_ramps_up_to_the_full_cap(make_llm):
     llm = make_llm(max_num_batched_tokens=128, long_prompt_threshold=64, long_prompt_chunk=16)
-    sched = llm.engine.scheduler
-    llm._add(turn(ids(600, 1)), GREEDY)
-    out = sched.schedule()
-    assert [s.num_new_tokens for s in out.seqs] == [64]
-    llm.engine.abort(list(llm.engine.requests))
+    steps = record_steps(llm.engine)
+    llm.generate(turn(ids(300, 1)), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    # The chunk doubles each step it runs alone, up to the cap (half the budget), until the rest
+    # is short enough (<= threshold) to go at the cap anyway.
+    assert [n for step in steps for _, n in step][:6] == [16, 32, 64, 64, 64, 60]
