@@ -13,6 +13,10 @@ Drives synthetic ReAct-style agent sessions, all running at once:
   with --hol-baseline the same workload first runs without it (on a cold prefix of its own) and the
   report compares the short steps' p99 TTFT with and without the long prompt.
 
+--churn-concurrency C sends, alongside the sessions, C streams of one-off cold prompts of
+~--churn-tokens tokens without a session (other traffic filling the cache while the agents' tools
+run): with a small KV pool this is what session retention is for.
+
 Against a loopserve server it also polls /metrics (--metrics-poll-s) and reports the KV pool's peak
 use, session pins, pins released under pressure, host offloads / restores and copy-on-write tokens:
 the memory side of fan-out sharing and retention.
@@ -53,6 +57,7 @@ from typing import Any
 DEFAULTS = {"base_url": "http://127.0.0.1:8000", "sessions": 8, "steps": 20, "fanout": 0, "system_tokens": 4000,
             "tool_result_tokens": 400, "tool_pause_s": 0.5, "tool_pause_jitter": 0.5, "max_tokens": 32,
             "long_prompt_tokens": 0, "long_prompt_at_s": 5.0, "seed": 0, "timeout": 600.0, "metrics_poll_s": 0.25}
+STEP_KINDS = ("agent", "orchestrator", "worker")  # the agents' own requests (not churn / the long prompt)
 CACHED_THRESHOLD = 0.5  # a step counts as "cached" when at least this share of its prompt was a cache hit
 ERROR_SAMPLES = 5
 
@@ -297,7 +302,7 @@ def make_long_prompt(seed: int, target_tokens: int, counter: TokenCounter) -> st
 
 @dataclass
 class Row:
-    kind: str                 # agent | orchestrator | worker | long_prompt | warmup
+    kind: str                 # agent | orchestrator | worker | long_prompt | churn | warmup
     session: str
     step: int
     worker: int | None
@@ -329,9 +334,11 @@ class Runner:
         self.rows: list[Row] = []
         self.errors = 0
 
-    def body(self, messages: list[dict], session: str, max_tokens: int) -> dict:
+    def body(self, messages: list[dict], session: str | None, max_tokens: int) -> dict:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}, "user": session}
+                "stream": True, "stream_options": {"include_usage": True}}
+        if session is not None:
+            body["user"] = session
         if self.args.ignore_eos:
             body["ignore_eos"] = True
         return body
@@ -340,13 +347,15 @@ class Runner:
                       worker: int | None = None, max_tokens: int | None = None) -> tuple[Row, str]:
         t_start = time.perf_counter()
         row = Row(kind, session, step, worker, t_start - self.t0)
+        in_session = kind not in ("churn", "long_prompt")
+        session_headers = {"X-Session-Id": session} if in_session else {}
         pieces: list[str] = []
         token_times: list[float] = []
         done = False
         try:
-            async with self.client.stream("POST", self.url, json=self.body(messages, session, max_tokens or
-                                                                            self.args.max_tokens),
-                                          headers={**self.headers, "X-Session-Id": session}) as resp:
+            body = self.body(messages, session if in_session else None, max_tokens or self.args.max_tokens)
+            async with self.client.stream("POST", self.url, json=body,
+                                          headers={**self.headers, **session_headers}) as resp:
                 if resp.status_code >= 400:
                     text = (await resp.aread()).decode(errors="replace")
                     raise _StepError(f"HTTP {resp.status_code}: {text[:300]}")
@@ -394,9 +403,9 @@ class Runner:
             row.prompt_tokens_source = self.counter.source
         if kind != "warmup":
             self.rows.append(row)
-            if not row.ok:
+            if not row.ok and kind != "churn":
                 self.errors += 1
-            if self.progress is not None:
+            if self.progress is not None and kind != "churn":
                 self.progress.update(1)
                 if not row.ok:
                     self.progress.set_postfix(errors=self.errors, refresh=False)
@@ -462,6 +471,14 @@ class Runner:
         answers = await asyncio.gather(*(worker(j) for j in range(a.fanout)))
         return "".join(f"- worker {j}: {text.strip()}\n" for j, text in enumerate(answers))
 
+    async def churn(self, index: int, stop: asyncio.Event) -> None:
+        """One-off cold prompts without a session, back to back until stop is set."""
+        n = 0
+        while not stop.is_set():
+            text = make_long_prompt(self.args.seed * 100003 + index * 10007 + n, self.args.churn_tokens, self.counter)
+            await self.request([{"role": "user", "content": text}], f"churn-{index}", "churn", n, max_tokens=1)
+            n += 1
+
     async def long_prompt(self, text: str) -> None:
         delay = self.args.long_prompt_at_s - (time.perf_counter() - self.t0)
         if delay > 0:
@@ -505,7 +522,7 @@ def _cached_share(r: Row) -> float | None:
 
 
 def summarize(rows: list[Row], session_walls: list[float], wall_s: float, steps: int, fanout: int) -> dict:
-    steps_rows = [r for r in rows if r.kind in ("agent", "orchestrator", "worker")]
+    steps_rows = [r for r in rows if r.kind in STEP_KINDS]
     ok = [r for r in steps_rows if r.ok]
     lat = [r.latency_s for r in ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -568,7 +585,7 @@ def head_of_line(rows: list[Row]) -> dict | None:
         return None
     lo = long.t_start_s
     hi = lo + (long.ttft_s if long.ttft_s is not None else long.latency_s or 0.0)
-    steps = [r for r in rows if r.kind != "long_prompt" and r.ok and r.ttft_s is not None]
+    steps = [r for r in rows if r.kind in STEP_KINDS and r.ok and r.ttft_s is not None]
     during = [r.ttft_s for r in steps if r.t_start_s < hi and r.t_start_s + r.ttft_s > lo]
     other = [r.ttft_s for r in steps if not (r.t_start_s < hi and r.t_start_s + r.ttft_s > lo)]
     return {"row": _row_dict(long), "prefill_window_s": [_r(lo), _r(hi)],
@@ -602,7 +619,7 @@ def plot(report: dict, rows: list[Row], path: Path) -> None:
     ax.legend()
     if hol:
         ax2 = axes[0][1]
-        pts = [(r.t_start_s, r.ttft_s) for r in rows if r.kind != "long_prompt" and r.ok and r.ttft_s is not None]
+        pts = [(r.t_start_s, r.ttft_s) for r in rows if r.kind in STEP_KINDS and r.ok and r.ttft_s is not None]
         ax2.scatter([p[0] for p in pts], [p[1] for p in pts], s=8, label="step TTFT")
         lo, hi = hol["prefill_window_s"]
         ax2.axvspan(lo, hi, color="tab:red", alpha=0.2, label="long prompt prefill")
@@ -630,7 +647,7 @@ def validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
     for name in ("fanout", "system_tokens", "tool_result_tokens", "long_prompt_tokens", "tool_pause_s",
-                 "long_prompt_at_s"):
+                 "long_prompt_at_s", "churn_concurrency", "churn_tokens"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.max_tokens < 1:
@@ -682,7 +699,13 @@ async def run_async(args: argparse.Namespace) -> tuple[dict, list[Row]]:
             jobs = [runner.session(i, system, tools) for i in range(args.sessions)]
             if long_text:
                 jobs.append(runner.long_prompt(long_text))
+            stop_churn = asyncio.Event()
+            churn = [asyncio.create_task(runner.churn(i, stop_churn)) for i in range(args.churn_concurrency)]
             results = await asyncio.gather(*jobs)
+            stop_churn.set()
+            for task in churn:
+                task.cancel()
+            await asyncio.gather(*churn, return_exceptions=True)
         finally:
             if progress is not None:
                 progress.close()
@@ -700,7 +723,9 @@ async def run_async(args: argparse.Namespace) -> tuple[dict, list[Row]]:
                      "max_tokens": args.max_tokens, "long_prompt_tokens": args.long_prompt_tokens,
                      "long_prompt_at_s": args.long_prompt_at_s if long_text else None, "seed": args.seed,
                      "history": args.history, "tool_role": args.tool_role, "ignore_eos": args.ignore_eos,
-                     "prefix_salt": args.prefix_salt, "token_counts": counter.source},
+                     "prefix_salt": args.prefix_salt, "token_counts": counter.source,
+                     "churn_concurrency": args.churn_concurrency, "churn_tokens": args.churn_tokens},
+        "churn_requests": sum(1 for r in runner.rows if r.kind == "churn"),
         **summarize(runner.rows, walls, wall, args.steps, args.fanout),
         "head_of_line": head_of_line(runner.rows),
         "server_kv": server_kv,
@@ -797,12 +822,12 @@ def compare_head_of_line(baseline: dict, loaded: dict) -> dict:
     """Short steps' TTFT with the long prompt against the same workload without it."""
     def ttfts(report: dict) -> list[float]:
         return [r["ttft_s"] for r in report["rows"]
-                if r["kind"] != "long_prompt" and r["ok"] and r["ttft_s"] is not None]
+                if r["kind"] in STEP_KINDS and r["ok"] and r["ttft_s"] is not None]
 
     base, load = ttfts(baseline), ttfts(loaded)
     hol = loaded.get("head_of_line") or {}
     lo, hi = hol.get("prefill_window_s") or (None, None)
-    during = [r["ttft_s"] for r in loaded["rows"] if lo is not None and r["kind"] != "long_prompt" and r["ok"]
+    during = [r["ttft_s"] for r in loaded["rows"] if lo is not None and r["kind"] in STEP_KINDS and r["ok"]
               and r["ttft_s"] is not None and r["t_start_s"] < hi and r["t_start_s"] + r["ttft_s"] > lo]
     p99_base, p99_load, p99_during = percentile(base, 99), percentile(load, 99), percentile(during, 99)
     return {"short_ttft_p99_without_s": _r(p99_base), "short_ttft_p99_with_s": _r(p99_load),
@@ -844,6 +869,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="head-of-line mode: one extra cold prompt of about this many tokens (default: off)")
     g.add_argument("--long-prompt-at-s", type=float, default=d["long_prompt_at_s"],
                    help="when to send it, seconds after the sessions start (default: 5)")
+    g.add_argument("--churn-concurrency", type=int, default=0,
+                   help="background streams of one-off cold prompts without a session (default: 0)")
+    g.add_argument("--churn-tokens", type=int, default=1000, help="tokens per churn prompt (default: 1000)")
     g.add_argument("--hol-baseline", action="store_true",
                    help="with --long-prompt-tokens: first run the workload without the long prompt and report "
                         "the short steps' p99 TTFT ratio (head_of_line_comparison)")

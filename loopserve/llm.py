@@ -6,9 +6,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from loopserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_MODEL,
-                              DEFAULT_SESSION_RETENTION_S, CacheConfig, EngineConfig, SchedulerConfig,
-                              SpeculativeConfig)
+from loopserve.config import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    DEFAULT_MODEL,
+    DEFAULT_SESSION_RETENTION_S,
+    CacheConfig,
+    EngineConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from loopserve.engine.core import EngineCore, EngineRequest, EngineStats
 from loopserve.engine.output_processor import OutputProcessor
 from loopserve.engine.request import RequestStatus

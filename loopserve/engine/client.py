@@ -23,8 +23,16 @@ import zmq.asyncio
 
 from loopserve.config import EngineConfig
 from loopserve.engine.core import EngineRequest, EngineStats
-from loopserve.engine.messages import (AbortRequests, AddRequests, EngineDead, EngineReady, EngineStep,
-                                       RequestFailed, Shutdown, StopRequests)
+from loopserve.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    EngineDead,
+    EngineReady,
+    EngineStep,
+    RequestFailed,
+    Shutdown,
+    StopRequests,
+)
 from loopserve.engine.output_processor import OutputProcessor, StreamUpdate
 from loopserve.engine.process import run_engine
 from loopserve.sampling_params import SamplingParams

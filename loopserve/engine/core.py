@@ -8,8 +8,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loopserve.config import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_GRAPH_BATCH_SIZES, DEFAULT_GPU_HOST_KV_CACHE_BYTES,
-                              CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_device, resolve_dtype)
+from loopserve.config import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    DEFAULT_CUDA_GRAPH_BATCH_SIZES,
+    DEFAULT_GPU_HOST_KV_CACHE_BYTES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    default_device,
+    resolve_dtype,
+)
 from loopserve.engine.kv_cache import KVCacheManager, KVMoveStats
 from loopserve.engine.request import Request, RequestStatus
 from loopserve.engine.retention import RetentionStats

@@ -292,7 +292,7 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
-    def find_prefix(self, request: Request, tail: "PartialBlock | None" = None) -> PrefixHit:
+    def find_prefix(self, request: Request, tail: PartialBlock | None = None) -> PrefixHit:
         """Everything a new request can reuse: device hits, host-memory hits after them, and a
         copy-on-write donor for the block where it diverges from a cached block, its n > 1 sibling's
         partial block, or `tail` (the partial last block its session's previous turn left pinned)."""
@@ -311,7 +311,7 @@ class KVCacheManager:
         self._find_cow_donor(request, hit, tail)
         return hit
 
-    def _find_cow_donor(self, request: Request, hit: PrefixHit, tail: "PartialBlock | None") -> None:
+    def _find_cow_donor(self, request: Request, hit: PrefixHit, tail: PartialBlock | None) -> None:
         bs = self.block_size
         i = len(hit.blocks) + len(hit.host_slots)
         start = i * bs
@@ -343,7 +343,7 @@ class KVCacheManager:
         if best is not None and best_n > 0:
             hit.cow_donor, hit.cow_tokens = best, best_n
 
-    def allocate(self, request: Request, num_new_tokens: int, cached: "list[KVBlock] | PrefixHit" = ()) -> bool:
+    def allocate(self, request: Request, num_new_tokens: int, cached: list[KVBlock] | PrefixHit = ()) -> bool:
         """Make the table cover num_computed_tokens (+ cached hits) + num_new_tokens; False if no room.
 
         `cached` are prefix hits (a list of device blocks, or a full PrefixHit) for a request that
@@ -457,7 +457,7 @@ class KVCacheManager:
         table = self._tables.get(request.request_id, [])
         return table[:self._num_hashed.get(request.request_id, 0)]
 
-    def partial_block(self, request: Request) -> "PartialBlock | None":
+    def partial_block(self, request: Request) -> PartialBlock | None:
         """The block after the hashed ones, if it holds computed tokens (a copy-on-write donor)."""
         table = self._tables.get(request.request_id, [])
         i = self._num_hashed.get(request.request_id, 0)

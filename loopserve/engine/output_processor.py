@@ -38,7 +38,7 @@ class StreamUpdate:
 
 @dataclass
 class _Sample:
-    request: "_Tracked"
+    request: _Tracked
     output: CompletionOutput
     detok: IncrementalDetokenizer
 

@@ -13,8 +13,16 @@ import traceback
 import zmq
 
 from loopserve.config import EngineConfig
-from loopserve.engine.messages import (AbortRequests, AddRequests, EngineDead, EngineReady, EngineStep,
-                                       RequestFailed, Shutdown, StopRequests)
+from loopserve.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    EngineDead,
+    EngineReady,
+    EngineStep,
+    RequestFailed,
+    Shutdown,
+    StopRequests,
+)
 from loopserve.engine.request import RequestStatus
 
 IDLE_POLL_MS = 200

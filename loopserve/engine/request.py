@@ -44,7 +44,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_model_len: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
-                 generator: torch.Generator | None = None, wait_for: "Request | None" = None,
+                 generator: torch.Generator | None = None, wait_for: Request | None = None,
                  session_id: str | None = None, retention_s: float = 0.0) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)

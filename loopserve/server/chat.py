@@ -10,10 +10,27 @@ from fastapi.responses import JSONResponse
 from loopserve.outputs import CompletionOutput, RequestOutput
 from loopserve.sampling_params import SampleLogprobs
 from loopserve.server.errors import bad_request, from_value_error
-from loopserve.server.protocol import (ChatCompletionRequest, new_id, now, safe_logprob, top_entries, usage)
-from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
-                                      generation_error, sse, usage_chunk,
-                                      sse_error, stream_outputs, until_disconnect)
+from loopserve.server.protocol import (
+    ChatCompletionRequest,
+    new_id,
+    now,
+    safe_logprob,
+    top_entries,
+    usage,
+)
+from loopserve.server.serving import (
+    FINGERPRINT,
+    SSE_DONE,
+    EventStreamResponse,
+    Prompt,
+    ServerState,
+    generation_error,
+    sse,
+    sse_error,
+    stream_outputs,
+    until_disconnect,
+    usage_chunk,
+)
 from loopserve.server.sessions import SessionRef
 from loopserve.server.tooling import ChoiceStream, ToolPlan, final_message, plan_tools
 

@@ -11,12 +11,29 @@ from fastapi.responses import JSONResponse
 from loopserve.outputs import RequestOutput
 from loopserve.sampling_params import SampleLogprobs, SamplingParams
 from loopserve.server.errors import bad_request, from_value_error
-from loopserve.server.protocol import (MAX_PROMPTS_PER_REQUEST, CompletionRequest, new_id, now, safe_logprob,
-                                       top_entries, usage)
+from loopserve.server.protocol import (
+    MAX_PROMPTS_PER_REQUEST,
+    CompletionRequest,
+    new_id,
+    now,
+    safe_logprob,
+    top_entries,
+    usage,
+)
+from loopserve.server.serving import (
+    FINGERPRINT,
+    SSE_DONE,
+    EventStreamResponse,
+    Prompt,
+    ServerState,
+    generation_error,
+    sse,
+    sse_error,
+    stream_outputs,
+    until_disconnect,
+    usage_chunk,
+)
 from loopserve.server.sessions import SessionRef
-from loopserve.server.serving import (FINGERPRINT, SSE_DONE, EventStreamResponse, Prompt, ServerState,
-                                      generation_error, sse, usage_chunk,
-                                      sse_error, stream_outputs, until_disconnect)
 
 router = APIRouter()
 

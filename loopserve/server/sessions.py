@@ -12,8 +12,8 @@ differing position and a few tokens of context on both sides, so the user can se
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 

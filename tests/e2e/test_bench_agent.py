@@ -89,3 +89,13 @@ def test_agent_server_errors_are_recorded(server, tmp_path):
     assert main(argv) == 1  # nothing succeeded
     r = json.loads(out.read_text())
     assert r["errors"] == 2 and r["ok"] == 0 and "HTTP 401" in r["error_samples"][0]
+
+
+def test_agent_churn_runs_beside_the_sessions(server, tiny_llama, tmp_path):
+    out = tmp_path / "churn.json"
+    r = run_bench(server, tiny_llama, out, "--sessions", "1", "--steps", "3", "--seed", "4", "--no-warmup",
+                  "--no-plot", "--churn-concurrency", "1", "--churn-tokens", "60", "--tool-pause-s", "0.2")
+    assert r["requests"] == 3 and r["errors"] == 0  # churn is not an agent step
+    assert r["churn_requests"] >= 1 and r["workload"]["churn_concurrency"] == 1
+    churn = [row for row in r["rows"] if row["kind"] == "churn"]
+    assert churn and all(row["session"].startswith("churn-") for row in churn)

@@ -204,3 +204,17 @@ def test_long_prompt_alone_ramps_up_to_the_full_cap(make_llm):
     # The chunk doubles each step it runs alone, up to the cap (half the budget), until the rest
     # is short enough (<= threshold) to go at the cap anyway.
     assert [n for step in steps for _, n in step][:6] == [16, 32, 64, 64, 64, 60]
+
+
+def test_a_mostly_cached_long_prompt_counts_as_short(make_llm):
+    """An agent step resends a long history that is nearly all cached: it must not be treated as a long
+    cold prompt (that would let a real one take big chunks beside it)."""
+    llm = make_llm(max_num_batched_tokens=128, long_prompt_threshold=64, long_prompt_chunk=16, num_kv_blocks=512)
+    history = ids(300, 7)
+    llm.generate(turn(history), GREEDY)
+    steps = record_steps(llm.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate([turn(ids(600, 8)), turn(history + ids(10, 9))], params)
+    cold = next(rid for step in steps for rid, n in step if n >= 16)
+    first = steps[0]
+    assert len(first) == 2 and dict(first)[cold] == 16  # the cached step ran beside a 16-token chunk
