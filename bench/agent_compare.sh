@@ -21,9 +21,9 @@ PORT=18450
 URL="http://127.0.0.1:$PORT"
 KV_BYTES_PER_TOKEN=46080   # SmolLM2-135M fp32: 2 (K, V) x 30 layers x 3 KV heads x 64 dims x 4 bytes
 
-# The ReAct workload: a ~1.2k-token tool-schema system prompt, 20 steps, ~100-token tool results, 16
-# output tokens a step, client-side tool pauses of 1 s +- 50 %. The longest prompt is ~4.3k tokens.
-WORKLOAD=(--steps 20 --system-tokens 1200 --tool-result-tokens 100 --max-tokens 16 --ignore-eos
+# The ReAct workload: a ~2k-token tool-schema system prompt, 20 steps, ~100-token tool results, 16
+# output tokens a step, client-side tool pauses of 1 s +- 50 %. The longest prompt is ~5k tokens.
+WORKLOAD=(--steps 20 --system-tokens 2000 --tool-result-tokens 100 --max-tokens 16 --ignore-eos
           --history synthetic --tool-pause-s 1.0 --tool-pause-jitter 0.5 --tokenizer "$TOK" --no-progress)
 SLOT_TOKENS=6144           # per llama-server slot: the longest session fits
 
@@ -76,7 +76,7 @@ for part in $parts; do
     fi ;;
   retention)  # 8 sessions with long tool pauses while one-off cold prompts stream through a small pool:
     # it holds the sessions' contexts plus ~5k tokens, and the churn sends more than that during each pause.
-    tokens=18000
+    tokens=20000
     for mode in on off; do
         secs=60; [ $mode = off ] && secs=0
         loopserve_up retention-$mode --kv-cache-bytes $((tokens * KV_BYTES_PER_TOKEN)) --session-retention $secs && \

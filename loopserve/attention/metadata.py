@@ -8,13 +8,31 @@ import torch
 
 @dataclass
 class KVCache:
-    """One layer's paged cache: key and value pools shaped [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """One layer's paged cache: key and value pools shaped [num_blocks, block_size, num_kv_heads, head_dim],
+    or with heads_outer [num_kv_heads, num_blocks, block_size, head_dim]: the torch backend's CPU layout,
+    where one head's blocks gather into a contiguous [seq, head_dim] run that SDPA reads without a copy."""
     key: torch.Tensor
     value: torch.Tensor
+    heads_outer: bool = False
+
+    @property
+    def block_dim(self) -> int:
+        return 1 if self.heads_outer else 0
 
     @property
     def block_size(self) -> int:
-        return self.key.shape[1]
+        return self.key.shape[2] if self.heads_outer else self.key.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[0] if self.heads_outer else self.key.shape[2]
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                   heads_outer: bool) -> tuple[int, int, int, int]:
+    if heads_outer:
+        return (num_kv_heads, num_blocks, block_size, head_dim)
+    return (num_blocks, block_size, num_kv_heads, head_dim)
 
 
 @dataclass

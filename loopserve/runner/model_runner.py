@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache, kv_cache_shape
 from loopserve.attention.triton_backend import make_backend
 from loopserve.config import ModelConfig
 from loopserve.engine.kv_cache import KVOp
@@ -51,12 +51,15 @@ class ModelRunner:
         self.structured = None  # StructuredOutputManager, set by the engine when a request is constrained
         use_graphs = bool(cuda_graph_sizes) and device.type == "cuda" and self.backend.needs_device_layout
         # With graphs, one block past the pool is the scratch block padding rows write to.
-        shape = (num_blocks + int(use_graphs), block_size, model_config.num_kv_heads, model_config.head_dim)
+        heads_outer = getattr(self.backend, "heads_outer", lambda _: False)(device)
+        shape = kv_cache_shape(num_blocks + int(use_graphs), block_size, model_config.num_kv_heads,
+                               model_config.head_dim, heads_outer)
         self.kv_caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
-                                  torch.zeros(shape, dtype=dtype, device=device))
+                                  torch.zeros(shape, dtype=dtype, device=device), heads_outer)
                           for _ in range(model_config.num_layers)]
         # Host-memory tier (retained sessions' blocks pushed off the device): pinned for async copies.
-        host_shape = (num_host_blocks,) + shape[1:]
+        host_shape = kv_cache_shape(num_host_blocks, block_size, model_config.num_kv_heads, model_config.head_dim,
+                                    heads_outer)
         pin = device.type == "cuda"
         self.host_kv = [(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
                          torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
@@ -165,6 +168,8 @@ class ModelRunner:
                 src = src.to(self.device, non_blocking=True)
             for layer, cache in enumerate(self.kv_caches):
                 for dev, host in zip((cache.key, cache.value), self.host_kv[layer] if self.host_kv else (None, None)):
+                    if cache.heads_outer:  # blocks are dim 1
+                        dev, host = dev.transpose(0, 1), host.transpose(0, 1) if host is not None else None
                     if kind == "copy":
                         dev[dst] = dev[src]
                     elif kind == "offload":

@@ -349,3 +349,40 @@ def test_short_query_attention_batched_matches_per_sequence(monkeypatch):
     alone, meta = run()
     assert meta.derived["short"] == ()
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_outer_cache_layout_matches_the_blocks_first_one():
+    """The CPU layout (KVCache.heads_outer) gives the same attention as the blocks-first one on a batch
+    mixing decodes (several), short verify passes and prefill chunks over cached context."""
+    from loopserve.attention.metadata import AttentionMetadata, KVCache
+    from loopserve.attention.torch_ref import TorchPagedAttention
+
+    gen = torch.Generator().manual_seed(1)
+    bs, nblocks, hq, hkv, d = 4, 48, 6, 2, 8
+    new = [1, 3, 1, 5, 20, 1]
+    total = [17, 11, 6, 9, 31, 2]
+    pool_k, pool_v = (torch.randn(nblocks, bs, hkv, d, generator=gen) for _ in range(2))
+    tables, slots, start, nxt = [], [], [0], 0
+    for n, t in zip(new, total):
+        ids = list(range(nxt, nxt + -(-t // bs)))
+        nxt += len(ids)
+        tables.append(ids + [0] * (12 - len(ids)))
+        slots += [ids[p // bs] * bs + p % bs for p in range(t - n, t)]
+        start.append(start[-1] + n)
+    T = start[-1]
+    q, k, v = (torch.randn(T, h, d, generator=gen) for h in (hq, hkv, hkv))
+
+    def run(heads_outer):
+        meta = AttentionMetadata(start, total, torch.tensor(slots), torch.tensor(tables),
+                                 decode_indices=[0, 2, 5], prefill_indices=[1, 3, 4])
+        if heads_outer:
+            cache = KVCache(pool_k.permute(2, 0, 1, 3).contiguous(), pool_v.permute(2, 0, 1, 3).contiguous(), True)
+        else:
+            cache = KVCache(pool_k.clone(), pool_v.clone())
+        out = TorchPagedAttention().forward(q, k, v, cache, meta, d ** -0.5)
+        written = cache.key.permute(1, 2, 0, 3) if heads_outer else cache.key
+        return out, written
+
+    (a, ka), (b, kb) = run(False), run(True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ka, kb)  # new keys land in the same slots
