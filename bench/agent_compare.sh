@@ -84,9 +84,9 @@ for part in $parts; do
                 --steps 10 --tool-pause-s 15 --tool-pause-jitter 0.3
         stop $pid
     done ;;
-  hol)  # a 4k-token cold prompt arriving among 4 sessions; the same workload without it first
+  hol)  # a 4k-token cold prompt arriving among 4 sessions in steady state (60 s in); the same workload without it first
     loopserve_up hol-loopserve && \
-        bench hol-loopserve --sessions 4 --seed 51 --long-prompt-tokens 4000 --long-prompt-at-s 10 --hol-baseline \
+        bench hol-loopserve --sessions 4 --seed 51 --long-prompt-tokens 4000 --long-prompt-at-s 60 --hol-baseline \
             "${WORKLOAD[@]}"
     stop $pid ;;
   fanout)  # an orchestrator branching into 4 workers per step, with and without prefix sharing
