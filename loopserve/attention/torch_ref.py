@@ -48,6 +48,17 @@ class TorchPagedAttention:
             return pool.index_select(1, block_ids).flatten(1, 2)[:, :length]
         return pool.index_select(0, block_ids).flatten(0, 1)[:length].transpose(0, 1)
 
+    @classmethod
+    def _batched(cls, cache: KVCache, q: torch.Tensor, tables: torch.Tensor, max_len: int, mask: torch.Tensor,
+                 scale: float, gqa: bool) -> torch.Tensor:
+        """Padded attention of B sequences' query rows q [B, Hq, R, D] over their blocks; [B, Hq, R, D]."""
+        if cache.heads_outer:
+            return cls._per_head(cache, q, tables, max_len, mask, scale)
+        k = cache.key[tables].flatten(1, 2)[:, :max_len]                    # [B, L, Hkv, D]
+        v = cache.value[tables].flatten(1, 2)[:, :max_len]
+        return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                              scale=scale, enable_gqa=gqa)
+
     @staticmethod
     def _per_head(cache: KVCache, q: torch.Tensor, tables: torch.Tensor, max_len: int, mask: torch.Tensor,
                   scale: float) -> torch.Tensor:
@@ -133,26 +144,14 @@ class TorchPagedAttention:
         if meta.decode_indices:
             tables, rows, mask, max_len = self._decode_inputs(meta, bs, query.device)
             q = query.index_select(0, rows).unsqueeze(2)                     # [B, Hq, 1, D]
-            if cache.heads_outer:
-                o = self._per_head(cache, q, tables, max_len, mask, scale)
-            else:
-                k = cache.key[tables].flatten(1, 2)[:, :max_len]            # [B, L, Hkv, D]
-                v = cache.value[tables].flatten(1, 2)[:, :max_len]
-                o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                                   scale=scale, enable_gqa=gqa)
+            o = self._batched(cache, q, tables, max_len, mask, scale, gqa)
             out.index_copy_(0, rows, o.squeeze(2).to(out.dtype))
 
         short = self._short_inputs(meta, bs, query.device) if meta.prefill_indices else ()
         if short:
             _, tables, rows, mask, max_len, valid, out_rows = short
             q = query[rows].transpose(1, 2)                                  # [B, Hq, qmax, D]
-            if cache.heads_outer:
-                o = self._per_head(cache, q, tables, max_len, mask, scale)
-            else:
-                k = cache.key[tables].flatten(1, 2)[:, :max_len]            # [B, L, Hkv, D]
-                v = cache.value[tables].flatten(1, 2)[:, :max_len]
-                o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                                   scale=scale, enable_gqa=gqa)
+            o = self._batched(cache, q, tables, max_len, mask, scale, gqa)
             out.index_copy_(0, out_rows, o.transpose(1, 2)[valid].to(out.dtype))
 
         for i in meta.prefill_indices:
