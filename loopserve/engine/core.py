@@ -213,13 +213,6 @@ class EngineCore:
         """End session pins whose retention hint has passed (the step loop does this itself)."""
         return self.scheduler.retention.expire()
 
-    def reset_prefix_cache(self) -> bool:
-        """Drop session pins and forget every cached prefix; False while requests hold blocks."""
-        if self.scheduler.num_unfinished:
-            return False
-        self.scheduler.retention.release_all()
-        return self.kv.reset_prefix_cache()
-
     def step(self) -> list[EngineOutput]:
         failed: list[EngineOutput] = []
         if self._structured is not None:

@@ -100,10 +100,14 @@ class Scheduler:
 
         # Long prefills yield to everything else when there is anything else.
         long_running = [r for r in self.running if self._is_long(r)]
-        # A waiting agent step has a long prompt but mostly cached: judge it by what is left to compute.
-        long_waiting = sum(1 for r in self.waiting
-                           if self._is_long(r, len(self.kv.find_cached_prefix(r)) * self.kv.block_size))
-        contended = len(long_running) < len(self.running) or long_waiting < len(self.waiting)
+        contended = len(long_running) < len(self.running)
+        long_waiting = 0
+        if not contended and self.waiting:
+            # Only needed when the running set does not decide it (a prefix lookup per waiting request).
+            # A waiting agent step has a long prompt but mostly cached: judge it by what is left to compute.
+            long_waiting = sum(1 for r in self.waiting
+                               if self._is_long(r, len(self.kv.find_cached_prefix(r)) * self.kv.block_size))
+            contended = long_waiting < len(self.waiting)
         deferred = long_running if contended else []
         first = [r for r in self.running if r not in deferred] if deferred else list(self.running)
         chunk = self.config.long_chunk()
