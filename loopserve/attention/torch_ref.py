@@ -7,18 +7,94 @@ Two cache layouts (KVCache.heads_outer). On CPU the pool is heads-outer: decode 
 SDPA per KV head, with that head's query heads as the query rows and its gathered blocks a contiguous
 key run, which reads the cache about once (at batch 16 and 3k-token contexts ~2x faster than
 gathering [B, L, Hkv, D] and letting SDPA transpose and repeat it for GQA).
+
+Cascade decode (heads-outer layout): decodes whose block tables start with the same blocks (a system
+prompt every session shares, the branches of one conversation) attend to that shared run once, with all
+their query rows stacked into one call, and to their own remaining blocks separately; the two partial
+results merge exactly through their log-sum-exps. A step's KV reads drop from sum(context) to
+shared + sum(context - shared), which at 16 agent sessions over a 2k-token shared prompt halves them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loopserve.attention.metadata import AttentionMetadata, KVCache
 
-
 # Sequences with at most this many new tokens over a cached context (speculative verify passes) are
 # batched in one padded SDPA call, like decodes, instead of one call each.
 SHORT_QUERY = 16
+# Decodes sharing at least this many leading cached tokens attend to them once, together (cascade); a
+# shorter shared run saves less than the extra call and merge cost.
+CASCADE_MIN_SHARED_TOKENS = 256
+
+
+def _attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, 1, R, D] over k/v [B, 1, L, D] with an additive float mask [B, 1, 1|R, L];
+    returns the output [B, 1, R, D] and each row's log-sum-exp of scores [B, 1, R], which lets partial
+    results over disjoint key sets merge exactly. The CPU flash kernel behind F.scaled_dot_product_attention
+    computes the log-sum-exp anyway, but only its aten op returns it (torch is pinned on CPU)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                          scale=scale)
+    return out, lse
+
+
+def _workspace(meta: AttentionMetadata, pool: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [blocks, bs, D] buffers for one head's gathered keys and values, shared by every layer and head
+    of a step (each gather is consumed before the next): a fresh multi-megabyte tensor per gather costs
+    page faults that take about as long as the copy itself."""
+    key = ("gather_workspace", pool.dtype)
+    bufs = meta.derived.get(key)
+    if bufs is None or bufs[0].shape[0] < blocks:
+        shape = (blocks,) + tuple(pool.shape[2:])
+        bufs = meta.derived[key] = tuple(torch.empty(shape, dtype=pool.dtype, device=pool.device) for _ in range(2))
+    return bufs[0][:blocks], bufs[1][:blocks]
+
+
+def _gather_head(pool: torch.Tensor, head: int, flat_tables: torch.Tensor, batch: int, length: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """One KV head's blocks for `batch` equally wide flattened block tables, as [batch, 1, length, D]
+    (heads-outer pool), copied into `out`. index_select copies whole blocks at memcpy speed; indexing
+    with the 2-D table tensor is several times slower on CPU."""
+    torch.index_select(pool[head], 0, flat_tables, out=out)
+    return out.view(batch, 1, -1, pool.shape[-1])[:, :, :length]
+
+
+@dataclass
+class _DecodeBatch:
+    """The decodes of one step as the heads-outer path reads them, built on the first layer."""
+    tables: torch.Tensor            # [B, nblk] block tables (cascade: what follows each shared run)
+    rows: torch.Tensor              # [B] each decode's query row in the flat batch
+    mask: torch.Tensor              # [B, 1, 1, L]: bool keep-mask, or (cascade) additive float mask
+    max_len: int                    # L: the longest (remaining) context
+    # Cascade groups: (indices into the B decodes, the block ids their tables all start with).
+    shared: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _shared_runs(tables: torch.Tensor, lens: list[int], bs: int) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Groups of decodes whose tables start with the same block, with the number of leading blocks all of a
+    group's tables have in common (only full blocks before each one's last: every decode keeps a non-empty
+    remainder); groups sharing fewer than CASCADE_MIN_SHARED_TOKENS are left out. Also returns each
+    decode's shared block count (0 outside groups)."""
+    by_first: dict[int, list[int]] = {}
+    for b, first in enumerate(tables[:, 0].tolist()):
+        by_first.setdefault(first, []).append(b)
+    groups, start = [], [0] * len(lens)
+    for members in by_first.values():
+        if len(members) < 2:
+            continue
+        cap = min((lens[b] - 1) // bs for b in members)
+        t = tables[members, :cap]
+        n = int((t == t[0]).all(0).int().cumprod(0).sum()) if cap else 0
+        if n * bs < CASCADE_MIN_SHARED_TOKENS:
+            continue
+        groups.append((members, n))
+        for b in members:
+            start[b] = n
+    return groups, start
 
 
 class TorchPagedAttention:
@@ -50,10 +126,10 @@ class TorchPagedAttention:
 
     @classmethod
     def _batched(cls, cache: KVCache, q: torch.Tensor, tables: torch.Tensor, max_len: int, mask: torch.Tensor,
-                 scale: float, gqa: bool) -> torch.Tensor:
+                 scale: float, gqa: bool, meta: AttentionMetadata) -> torch.Tensor:
         """Padded attention of B sequences' query rows q [B, Hq, R, D] over their blocks; [B, Hq, R, D]."""
         if cache.heads_outer:
-            return cls._per_head(cache, q, tables, max_len, mask, scale)
+            return cls._per_head(cache, q, tables, max_len, mask, scale, meta)
         k = cache.key[tables].flatten(1, 2)[:, :max_len]                    # [B, L, Hkv, D]
         v = cache.value[tables].flatten(1, 2)[:, :max_len]
         return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -61,37 +137,84 @@ class TorchPagedAttention:
 
     @staticmethod
     def _per_head(cache: KVCache, q: torch.Tensor, tables: torch.Tensor, max_len: int, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+                  scale: float, meta: AttentionMetadata) -> torch.Tensor:
         """Heads-outer attention for B sequences: q [B, Hq, R, D] (R query rows each), mask [B, 1, R, L];
         returns [B, Hq, R, D]. Per KV head, its query heads x rows are one SDPA's query rows."""
         b, hq, r, d = q.shape
         hkv = cache.num_kv_heads
         g = hq // hkv
-        nblk = tables.shape[1]
         out = torch.empty_like(q)
         m = mask.repeat(1, 1, g, 1) if g > 1 and r > 1 else mask  # rows are head-major
+        flat = tables.flatten()
+        kbuf, vbuf = _workspace(meta, cache.key, flat.numel())
         for h in range(hkv):
-            k = cache.key[h][tables].view(b, 1, nblk * cache.block_size, d)[:, :, :max_len]
-            v = cache.value[h][tables].view(b, 1, nblk * cache.block_size, d)[:, :, :max_len]
+            k = _gather_head(cache.key, h, flat, b, max_len, kbuf)
+            v = _gather_head(cache.value, h, flat, b, max_len, vbuf)
             qh = q[:, h * g:(h + 1) * g].reshape(b, 1, g * r, d)
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=m, scale=scale)
             out[:, h * g:(h + 1) * g] = o.view(b, g, r, d)
         return out
 
     @staticmethod
-    def _decode_inputs(meta: AttentionMetadata, bs: int, device: torch.device):
-        """Block tables, query rows and padding mask of the batch's decodes, built once per step."""
+    def _cascade(cache: KVCache, q: torch.Tensor, dec: _DecodeBatch, scale: float,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """Heads-outer decode attention with shared runs (see the module docstring): q [B, Hq, 1, D]."""
+        b, hq, _, d = q.shape
+        hkv = cache.num_kv_heads
+        g = hq // hkv
+        out = torch.empty_like(q)
+        mask = dec.mask.to(q.dtype)
+        flat = dec.tables.flatten()
+        kbuf, vbuf = _workspace(meta, cache.key, max(flat.numel(), max(len(ids) for _, ids in dec.shared)))
+        for h in range(hkv):
+            qh = q[:, h * g:(h + 1) * g].reshape(b, 1, g, d)
+            k = _gather_head(cache.key, h, flat, b, dec.max_len, kbuf[:flat.numel()])
+            v = _gather_head(cache.value, h, flat, b, dec.max_len, vbuf[:flat.numel()])
+            o, lse = _attend_with_lse(qh, k, v, mask, scale)                 # [B, 1, g, D], [B, 1, g]
+            for members, block_ids in dec.shared:
+                run = len(block_ids)
+                kp = _gather_head(cache.key, h, block_ids, 1, run * cache.block_size, kbuf[:run])
+                vp = _gather_head(cache.value, h, block_ids, 1, run * cache.block_size, vbuf[:run])
+                op, lp = _attend_with_lse(qh[members].view(1, 1, -1, d), kp, vp, None, scale)
+                os_, ls = o[members], lse[members]
+                lp = lp.view(ls.shape)
+                top = torch.maximum(ls, lp)
+                ws, wp = torch.exp(ls - top).unsqueeze(-1), torch.exp(lp - top).unsqueeze(-1)
+                o[members] = (os_ * ws + op.view(os_.shape) * wp) / (ws + wp)
+            out[:, h * g:(h + 1) * g] = o.view(b, g, 1, d)
+        return out
+
+    @staticmethod
+    def _decode_inputs(meta: AttentionMetadata, cache: KVCache, device: torch.device) -> _DecodeBatch:
+        """Block tables, query rows, padding mask and shared runs of the batch's decodes, built once a step."""
         got = meta.derived.get("decode")
         if got is None:
-            idx = meta.decode_indices
-            lens = [meta.seq_lens[i] for i in idx]
-            max_len = max(lens)
-            tables = meta.block_tables[idx, :(max_len + bs - 1) // bs]
-            rows = torch.tensor([meta.query_start_loc[i] for i in idx], device=device)
-            lens_t = torch.tensor(lens, device=device)
-            mask = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
-            got = meta.derived["decode"] = (tables, rows, mask, max_len)
+            got = meta.derived["decode"] = TorchPagedAttention._build_decode_batch(meta, cache, device)
         return got
+
+    @staticmethod
+    def _build_decode_batch(meta: AttentionMetadata, cache: KVCache, device: torch.device) -> _DecodeBatch:
+        bs = cache.block_size
+        idx = meta.decode_indices
+        lens = [meta.seq_lens[i] for i in idx]
+        tables = meta.block_tables[idx, :(max(lens) + bs - 1) // bs]
+        rows = torch.tensor([meta.query_start_loc[i] for i in idx], device=device)
+        groups, start = _shared_runs(tables, lens, bs) if cache.heads_outer and len(idx) > 1 else ([], [])
+        shared = [(torch.tensor(members, device=device), tables[members[0], :n]) for members, n in groups]
+        if shared:
+            # Each decode reads only what follows its group's shared run.
+            lens = [n - s * bs for n, s in zip(lens, start)]
+            width = (max(lens) + bs - 1) // bs
+            cols = torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)[None, :]
+            tables = tables.gather(1, cols.clamp_(max=tables.shape[1] - 1))
+        max_len = max(lens)
+        lens_t = torch.tensor(lens, device=device)
+        keep = (torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+        if shared:
+            mask = torch.zeros(keep.shape, device=device).masked_fill_(~keep, float("-inf"))
+        else:
+            mask = keep
+        return _DecodeBatch(tables, rows, mask, max_len, shared)
 
     @staticmethod
     def _short_inputs(meta: AttentionMetadata, bs: int, device: torch.device):
@@ -142,16 +265,19 @@ class TorchPagedAttention:
         qsl, lens = meta.query_start_loc, meta.seq_lens
 
         if meta.decode_indices:
-            tables, rows, mask, max_len = self._decode_inputs(meta, bs, query.device)
-            q = query.index_select(0, rows).unsqueeze(2)                     # [B, Hq, 1, D]
-            o = self._batched(cache, q, tables, max_len, mask, scale, gqa)
-            out.index_copy_(0, rows, o.squeeze(2).to(out.dtype))
+            dec = self._decode_inputs(meta, cache, query.device)
+            q = query.index_select(0, dec.rows).unsqueeze(2)                 # [B, Hq, 1, D]
+            if dec.shared:
+                o = self._cascade(cache, q, dec, scale, meta)
+            else:
+                o = self._batched(cache, q, dec.tables, dec.max_len, dec.mask, scale, gqa, meta)
+            out.index_copy_(0, dec.rows, o.squeeze(2).to(out.dtype))
 
         short = self._short_inputs(meta, bs, query.device) if meta.prefill_indices else ()
         if short:
             _, tables, rows, mask, max_len, valid, out_rows = short
             q = query[rows].transpose(1, 2)                                  # [B, Hq, qmax, D]
-            o = self._batched(cache, q, tables, max_len, mask, scale, gqa)
+            o = self._batched(cache, q, tables, max_len, mask, scale, gqa, meta)
             out.index_copy_(0, out_rows, o.transpose(1, 2)[valid].to(out.dtype))
 
         for i in meta.prefill_indices:

@@ -78,6 +78,29 @@ def test_prefix_cache_hit_gives_same_output(make_llm, reference):
     assert stats.prefix_hit_tokens == 29 + third.num_cached_tokens
 
 
+def test_decodes_over_a_shared_prefix_attend_to_it_once_and_match(make_llm, monkeypatch, device):
+    """Sessions over one long shared prompt: their decodes take the cascade path on CPU (the shared blocks
+    read once for the whole batch) and give what each request computes alone without prefix caching."""
+    import loopserve.attention.torch_ref as ref
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 300) for _ in range(300)]
+    ps = [{"prompt_token_ids": shared + [rng.randrange(3, 300) for _ in range(rng.randint(1, 30))]} for _ in range(6)]
+    alone = make_llm(enable_prefix_caching=False)
+    expected = [alone.generate(p, GREEDY)[0].outputs[0].token_ids for p in ps]
+    calls = []
+    cascade = ref.TorchPagedAttention._cascade
+    monkeypatch.setattr(ref.TorchPagedAttention, "_cascade",
+                        staticmethod(lambda *a: calls.append(len(a[2].shared)) or cascade(*a)))
+    llm = make_llm()
+    llm.generate(ps[0], GREEDY)  # caches the shared prompt
+    outs = llm.generate(ps, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    if device == "cpu":
+        assert calls and set(calls) == {1}
+    else:
+        assert not calls  # the blocks-first GPU layout has no cascade path
+
+
 def test_preemption_recomputes_and_matches(make_llm, reference):
     # 24 blocks x 4 tokens: 16 sequences of up to 52 tokens cannot all fit, so some get preempted.
     llm = make_llm(num_kv_blocks=24, max_num_seqs=16)
