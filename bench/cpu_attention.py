@@ -1,10 +1,14 @@
-"""CPU decode attention of the torch backend, one layer, SmolLM2's shape: B sessions whose contexts start
-with one shared prompt, with and without cascade decode (the shared blocks read once for the batch).
+"""CPU decode attention of the torch backend, SmolLM2's shape: B sessions whose contexts start with one
+shared prompt, with and without cascade decode (the shared blocks read once for the batch).
 
   python -m bench.cpu_attention --out bench/results/cpu-attention.json
 
-Each session's own blocks are scattered through the pool, as they are after a while of serving. Both
-variants run the same batch in turns (--repeats times each); the median counts.
+Two measurements, both variants in turns (--repeats times each), medians:
+  - attention alone: one layer's decode attention over a synthetic pool where each session's own blocks
+    are scattered, as they are after a while of serving (run --layers times a step);
+  - engine (--engine-sessions, 0 skips it): whole decode steps of the real model, the sessions' prompts
+    (the shared prompt plus --own-tokens of their own) prefix-cached first, so each variant re-adds them
+    and times its decode steps.
 """
 from __future__ import annotations
 
@@ -59,6 +63,34 @@ def time_step(cache, q, k, v, meta, layers: int, cascade: bool, min_shared: int)
     return (time.perf_counter() - t0) / layers, out
 
 
+def engine_steps(sessions: int, shared_tokens: int, own: list[int], steps: int, repeats: int) -> dict:
+    """Median decode-step time of the real model over `sessions` cached prompts, cascade on and off."""
+    from loopserve import LLM, SamplingParams
+    from loopserve.fetch import resolve_model
+
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(100, 40000, (shared_tokens,), generator=gen).tolist()
+    prompts = [{"prompt_token_ids": shared + torch.randint(100, 40000, (n,), generator=gen).tolist()} for n in own]
+    llm = LLM(str(resolve_model("smollm2")), kv_cache_bytes=sessions * (shared_tokens + max(own) + 4 * steps) * 46080)
+    llm.generate(prompts, SamplingParams(max_tokens=1, ignore_eos=True))  # computes and caches every prompt
+    min_shared = ref.CASCADE_MIN_SHARED_TOKENS
+    times: dict[str, list[float]] = {"plain": [], "cascade": []}
+    for _ in range(repeats):
+        for name, runs in times.items():
+            ref.CASCADE_MIN_SHARED_TOKENS = min_shared if name == "cascade" else 1 << 62
+            for p in prompts:
+                llm._add(p, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+            llm._step()  # the prompts' last tokens (everything else is a cache hit)
+            while llm.engine.has_unfinished():
+                t0 = time.perf_counter()
+                llm._step()
+                runs.append(time.perf_counter() - t0)
+    ref.CASCADE_MIN_SHARED_TOKENS = min_shared
+    plain, cascade = (statistics.median(times[n]) for n in ("plain", "cascade"))
+    return {"sessions": sessions, "shared_tokens": shared_tokens, "own_tokens": own, "decode_steps": len(times["plain"]),
+            "plain_step_s": round(plain, 4), "cascade_step_s": round(cascade, 4), "speedup": round(plain / cascade, 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", nargs="+", type=int, default=[4, 16])
@@ -71,6 +103,9 @@ def main() -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--layers", type=int, default=30, help="layers a step (SmolLM2-135M: 30)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--engine-sessions", type=int, default=16)
+    ap.add_argument("--engine-steps", type=int, default=8, help="decode steps per variant and repeat")
+    ap.add_argument("--engine-repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     min_shared = ref.CASCADE_MIN_SHARED_TOKENS
@@ -89,14 +124,21 @@ def main() -> int:
         ref.CASCADE_MIN_SHARED_TOKENS = min_shared
         plain, cascade = (statistics.median(times[n]) * 1e3 for n in ("plain", "cascade"))
         row = {"sessions": b, "context_tokens_mean": sum(lens) / b, "shared_tokens": args.shared_tokens,
-               "plain_ms_per_layer": round(plain, 3), "cascade_ms_per_layer": round(cascade, 3), "speedup": round(plain / cascade, 3),
-               "max_abs_diff": float((outs["plain"] - outs["cascade"]).abs().max())}
+               "plain_ms_per_layer": round(plain, 3), "cascade_ms_per_layer": round(cascade, 3),
+               "speedup": round(plain / cascade, 3), "max_abs_diff": float((outs["plain"] - outs["cascade"]).abs().max())}
         results.append(row)
         print(json.dumps(row))
+    engine = None
+    if args.engine_sessions:
+        n = args.engine_sessions
+        engine = engine_steps(n, args.shared_tokens, [lo + (hi - lo) * i // max(1, n - 1) for i in range(n)],
+                              args.engine_steps, args.engine_repeats)
+        print(json.dumps(engine))
     report = {"bench": "cpu_attention", "platform": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats, "layers": args.layers,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+              "layers": args.layers,
               "block_size": args.block_size, "heads": args.heads, "kv_heads": args.kv_heads,
-              "head_dim": args.head_dim, "results": results}
+              "head_dim": args.head_dim, "results": results, "engine": engine}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

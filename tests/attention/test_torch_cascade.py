@@ -75,3 +75,22 @@ def test_short_shared_runs_stay_plain(min_shared):
     q, k, v, pool, meta = _batch(shared, [30, 33], seed=2)
     _, dec = _run(q, k, v, pool, meta, min_shared=min_shared)
     assert dec.shared == [] and dec.mask.dtype == torch.bool
+
+
+def test_cpu_attention_bench_runs_and_agrees(tmp_path, monkeypatch):
+    """bench/cpu_attention.py (attention part, tiny sizes): both variants give the same output and the
+    report has its keys. The engine part needs SmolLM2's weights and is skipped here (0 sessions)."""
+    import json
+    import sys
+
+    from bench import cpu_attention
+    out = tmp_path / "attn.json"
+    monkeypatch.setattr(sys, "argv", ["cpu_attention", "--sessions", "3", "--shared-tokens", "512", "--own-tokens",
+                                      "16", "64", "--layers", "2", "--repeats", "1", "--engine-sessions", "0",
+                                      "--out", str(out)])
+    assert cpu_attention.main() == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["sessions"] == 3 and row["plain_ms_per_layer"] > 0 and row["cascade_ms_per_layer"] > 0
+    assert row["max_abs_diff"] < 1e-4 and report["engine"] is None
+    assert ref.CASCADE_MIN_SHARED_TOKENS == 256  # the bench restores the threshold
