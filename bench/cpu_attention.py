@@ -136,8 +136,7 @@ def main() -> int:
         print(json.dumps(engine))
     report = {"bench": "cpu_attention", "platform": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
-              "layers": args.layers,
-              "block_size": args.block_size, "heads": args.heads, "kv_heads": args.kv_heads,
+              "layers": args.layers, "block_size": args.block_size, "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "results": results, "engine": engine}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
