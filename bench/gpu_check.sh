@@ -17,7 +17,7 @@ g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail 
 
 echo "== GPU tests"
 timeout 120 python -m pytest -q -p no:cacheprovider --device cuda tests/model/test_fused_ops.py tests/attention \
-  tests/engine/test_engine.py \
+  tests/engine/test_engine.py tests/engine/test_overlap.py \
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
 g 100 engine --config $B8
@@ -41,7 +41,8 @@ python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
-    keys = [k for k in ("backend", "cuda_graphs", "batch", "ms_per_step", "decode_tok_s", "output_tok_s",
+    keys = [k for k in ("backend", "cuda_graphs", "overlap", "batch", "ms_per_step", "decode_tok_s",
+                        "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
                         "ttft_long_cached_plus_256_s", "startup_s") if r.get(k) is not None]
     print(r["config"], r["mode"], " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"

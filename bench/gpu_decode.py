@@ -71,7 +71,7 @@ def floor(cfg, batch: int) -> dict:
 
 
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
-          kv_cache_bytes: int | None):
+          kv_cache_bytes: int | None, overlap: bool | None = None):
     from loopserve.engine.core import EngineCore
 
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
@@ -79,16 +79,16 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
                                    cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
                                                              long_prefill_token_threshold=8192),
-                                   attention_backend=backend, enforce_eager=eager))
+                                   attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap))
 
 
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
-           eager: bool) -> dict:
+           eager: bool, overlap: bool | None = None) -> dict:
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
     t_start = time.perf_counter()
-    core = _core(config_dir, cfg, device, backend, eager, 16, 8 << 30)
+    core = _core(config_dir, cfg, device, backend, eager, 16, 8 << 30, overlap)
     startup = time.perf_counter() - t_start
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -117,6 +117,13 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     run("warm", prompt(64), 8)
     first_ttft, _ = run("first", prompt(prompt_len), 2)  # a new prompt length: any per-shape setup shows here
     ttft, tok_s = run("b1", prompt(prompt_len), out_len)
+    # The same decode with every step read back before the next is scheduled (no overlap), in turns.
+    overlap, sync_tok_s, overlap_tok_s = core.overlap, [], [tok_s]
+    for i in range(3 if overlap else 0):
+        core.overlap = False  # safe to switch between requests: nothing is in flight
+        sync_tok_s.append(run(f"b1_sync{i}", prompt(prompt_len), out_len)[1])
+        core.overlap = True
+        overlap_tok_s.append(run(f"b1_overlap{i}", prompt(prompt_len), out_len)[1])
     long_len = min(long_len, core.max_model_len - 257)
     run("warm_long", prompt(long_len), 1)  # the long shapes once, so the timed runs are steady-state
     run("warm_long_cached", prompt(long_len - 256) + prompt(256), 1)
@@ -124,7 +131,9 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     cold_ttft, _ = run("cold8k", long_prompt, 1)
     cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    tok_s = statistics.median(overlap_tok_s)
     return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
+            "overlap": overlap, "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
             "ttft_first_shape_s": first_ttft,
             "achieved_gb_s": weight_bytes / 1e9 * tok_s, "long_prompt_len": long_len, "ttft_long_cold_s": cold_ttft,
@@ -132,7 +141,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
-               eager: bool) -> dict:
+               eager: bool, overlap: bool | None = None) -> dict:
     """Saturation: more requests than fit are queued at once; output tokens per second over `seconds`
     of stepping (after a warm-up), as many requests as the time allows."""
     import random
@@ -140,7 +149,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
-    core = _core(config_dir, cfg, device, backend, eager, 256, None)
+    core = _core(config_dir, cfg, device, backend, eager, 256, None, overlap)
     rng = random.Random(0)
     vocab = cfg.vocab_size
 
@@ -175,7 +184,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     sync()
     dt = time.perf_counter() - t0
     return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name,
-            "cuda_graphs": core.runner.graphs is not None, "output_tok_s": out_tokens / dt,
+            "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap, "output_tok_s": out_tokens / dt,
             "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks}
 
 
@@ -207,6 +216,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=30.0, help="throughput: measured stepping time")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
+                    help="default: the engine's (on for CUDA); engine mode also times batch-1 decode without it")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -222,10 +233,10 @@ def main(argv=None) -> None:
         res = floor(cfg, args.batch)
     elif args.mode == "engine":
         res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
-                     args.attention_backend, args.enforce_eager)
+                     args.attention_backend, args.enforce_eager, args.overlap_scheduling)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                         args.enforce_eager)
+                         args.enforce_eager, args.overlap_scheduling)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
     res.update(config=args.config.name,

@@ -238,6 +238,10 @@ class EngineConfig:
     # Decode steps replay CUDA graphs captured for DEFAULT_CUDA_GRAPH_BATCH_SIZES (up to max_num_seqs);
     # True runs every step eagerly (as vLLM's --enforce-eager).
     enforce_eager: bool = False
+    # Overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
+    # None: on for CUDA devices (off on CPU, whose forward does not run asynchronously); always off
+    # with speculative decoding.
+    overlap_scheduling: bool | None = None
 
 
 # Batch sizes captured as CUDA graphs for decode steps; a batch runs in the smallest graph that fits it

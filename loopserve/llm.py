@@ -40,7 +40,8 @@ class LLM:
                  long_prompt_chunk: int | None = None,
                  host_kv_cache_bytes: int | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None,
-                 attention_backend: str = "auto", enforce_eager: bool = False) -> None:
+                 attention_backend: str = "auto", enforce_eager: bool = False,
+                 overlap_scheduling: bool | None = None) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -54,7 +55,8 @@ class LLM:
                                       long_prompt_threshold=long_prompt_threshold,
                                       long_prompt_chunk=long_prompt_chunk),
             speculative=SpeculativeConfig.from_dict(speculative_config),
-            attention_backend=attention_backend, enforce_eager=enforce_eager)
+            attention_backend=attention_backend, enforce_eager=enforce_eager,
+            overlap_scheduling=overlap_scheduling)
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)

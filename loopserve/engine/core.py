@@ -23,7 +23,7 @@ from loopserve.engine.kv_cache import KVCacheManager, KVMoveStats
 from loopserve.engine.request import Request, RequestStatus
 from loopserve.engine.retention import RetentionStats
 from loopserve.engine.scheduler import Scheduler
-from loopserve.runner.model_runner import ModelRunner, kv_bytes_per_block
+from loopserve.runner.model_runner import LaunchedStep, ModelRunner, kv_bytes_per_block
 from loopserve.runner.sampler import SampledToken, Sampler
 from loopserve.sampling_params import SamplingParams
 from loopserve.spec.decoder import SpecDecoder
@@ -148,6 +148,14 @@ class EngineCore:
             self.spec = SpecDecoder.build(config.speculative, self)
             log.info("speculative decoding: %s, k <= %d", config.speculative.method,
                      config.speculative.num_speculative_tokens)
+        # On a CPU the forward is not asynchronous: there is nothing to hide host work behind.
+        overlap = self.device.type == "cuda" if config.overlap_scheduling is None else config.overlap_scheduling
+        if overlap and self.spec is not None:
+            if config.overlap_scheduling:
+                log.warning("overlap scheduling is off: speculative decoding needs each step's tokens first")
+            overlap = False
+        self.overlap = overlap
+        self._in_flight: LaunchedStep | None = None  # overlap scheduling: launched, not read back yet
         log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (+%d in host memory), max_model_len %d",
                  self.model_path, self.device, self.dtype, num_blocks, cache.block_size, num_host_blocks,
                  self.max_model_len)
@@ -207,7 +215,7 @@ class EngineCore:
                     self.spec.release(rid)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def expire_sessions(self) -> int:
         """End session pins whose retention hint has passed (the step loop does this itself)."""
@@ -217,6 +225,8 @@ class EngineCore:
         failed: list[EngineOutput] = []
         if self._structured is not None:
             failed = self._fail_grammars()
+        if self.overlap:
+            return failed + self._step_overlapped()
         spec = self.spec
         t0 = time.perf_counter()
         draft_probs = spec.propose(self.scheduler.running) if spec is not None else {}
@@ -237,30 +247,76 @@ class EngineCore:
             if grammar is not None:
                 grammar.accept([t.token_id for t in toks])
         before = {rid: self.requests[rid].num_output_tokens for rid in result.sampled}
-        finished = {r.request_id for r in self.scheduler.update(
-            sched, {k: [t.token_id for t in v] for k, v in result.sampled.items()})}
+        self.scheduler.update(sched, {k: [t.token_id for t in v] for k, v in result.sampled.items()})
         outputs = failed
         now = time.monotonic()
         for rid, toks in result.sampled.items():
             req = self.requests[rid]
             # A stop inside a run of accepted tokens drops the rest: report only what was appended.
             new = req.output_token_ids[before[rid]:]
-            if not new:
-                continue
-            out = EngineOutput(rid, new, toks[:len(new)] if req.params.logprobs is not None else None,
-                               num_prompt_tokens=req.num_prompt_tokens,
-                               num_cached_tokens=max(req.num_cached_tokens, 0))
-            if req.timings.first_token is None:
-                req.timings.first_token = now
-                out.queue_time = req.timings.first_scheduled - req.timings.arrival
-            if rid in finished:
-                out.finish_reason = req.status.value
-                out.stop_reason = req.stop_reason
-                del self.requests[rid]
-                if spec is not None:
-                    spec.release(rid)
-            outputs.append(out)
+            if new:
+                outputs.append(self._output(req, new, toks[:len(new)], now))
         return outputs
+
+    def _step_overlapped(self) -> list[EngineOutput]:
+        """Overlap scheduling: schedule and launch step N+1, then read back step N and report it. The
+        device runs N+1 while the host reads N, checks stops and builds the outputs, so the host work
+        of a step hides behind the next forward. N+1 already holds rows for requests that N finishes
+        (their results are dropped) and takes N's tokens on the device."""
+        outputs: list[EngineOutput] = []
+        prev = self._in_flight
+        self._in_flight = None
+        if prev is not None and self._needs_tokens_first(prev):
+            outputs += self._resolve(prev)  # grammars and penalties read the tokens on the host
+            prev = None
+        sched = self.scheduler.schedule()
+        launched = self.runner.launch(sched, prev) if not sched.empty else None
+        if prev is not None:
+            outputs += self._resolve(prev)
+        if launched is not None:
+            self.scheduler.commit(sched)
+            self._in_flight = launched
+        elif prev is None and self._structured is not None and not outputs:
+            self._structured.wait_pending(GRAMMAR_POLL_S)  # only grammars are left to wait for
+        return outputs
+
+    @staticmethod
+    def _needs_tokens_first(step: LaunchedStep) -> bool:
+        """Whether a request of `step` that goes on needs its sampled token on the host before its
+        next step is launched: its grammar's mask and its penalties depend on it."""
+        for seq in step.sampling:
+            req = seq.request
+            if req.status is RequestStatus.RUNNING and (req.grammar is not None or req.params.penalized):
+                return True
+        return False
+
+    def _resolve(self, step: LaunchedStep) -> list[EngineOutput]:
+        result = step.result()
+        tokens = {rid: toks[0] for rid, toks in result.sampled.items()}
+        resolved = self.scheduler.resolve(step.out, {rid: t.token_id for rid, t in tokens.items()})
+        now = time.monotonic()
+        outputs = []
+        for req in resolved:
+            tok = tokens[req.request_id]
+            if req.grammar is not None:
+                req.grammar.accept([tok.token_id])
+            outputs.append(self._output(req, [tok.token_id], [tok], now))
+        return outputs
+
+    def _output(self, req: Request, new: list[int], sampled: list[SampledToken], now: float) -> EngineOutput:
+        """The engine output for `new` tokens appended to `req` this step (ends the request if it finished)."""
+        out = EngineOutput(req.request_id, new, sampled if req.params.logprobs is not None else None,
+                           num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+        if req.timings.first_token is None:
+            req.timings.first_token = now
+            out.queue_time = req.timings.first_scheduled - req.timings.arrival
+        if req.status.finished:
+            out.finish_reason = req.status.value
+            out.stop_reason = req.stop_reason
+            del self.requests[req.request_id]
+            if self.spec is not None:
+                self.spec.release(req.request_id)
+        return out
 
     def _fail_grammars(self) -> list[EngineOutput]:
         """Requests whose grammar did not compile end as aborted, with the reason as stop_reason."""

@@ -9,6 +9,10 @@ import torch
 
 from loopserve.sampling_params import SamplingParams
 
+# Overlap scheduling: the id a sampled token has on the host until its step's results are read back.
+# Only ever the last token of a request; the runner fills it in on the device from the step's output.
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -40,6 +44,8 @@ class Request:
     Speculative decoding: `spec_token_ids` are proposed tokens that follow all_token_ids for one
     step only. They are scheduled and written to the cache like known tokens, but they are not part
     of all_token_ids and num_computed_tokens only counts those the target accepted.
+    Overlap scheduling: while the step that samples a request's next token is in flight, that token
+    is PENDING_TOKEN at the end of all_token_ids and output_token_ids (counted, not yet known).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -90,6 +96,21 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING_TOKEN
+
+    @property
+    def certain_to_finish(self) -> bool:
+        """A pending token will end the request by length whatever its value: nothing to schedule."""
+        return self.has_pending_token and (self.num_output_tokens >= self.max_output_tokens
+                                           or self.num_tokens >= self.max_model_len)
+
+    def resolve_pending_token(self, token_id: int) -> None:
+        assert self.has_pending_token, "no pending token to resolve"
+        self.output_token_ids[-1] = token_id
+        self.all_token_ids[-1] = token_id
 
     def check_stop(self) -> RequestStatus | None:
         """Stop conditions decided by token ids; stop strings are the detokenizer's business."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from loopserve.config import SchedulerConfig
 from loopserve.engine.kv_cache import KVCacheManager, KVOp
-from loopserve.engine.request import Request, RequestStatus
+from loopserve.engine.request import PENDING_TOKEN, Request, RequestStatus
 from loopserve.engine.retention import SessionRetention
 
 
@@ -138,8 +138,8 @@ class Scheduler:
         i = 0
         while i < len(reqs) and budget > 0:
             req = reqs[i]
-            if req.status is not RequestStatus.RUNNING:
-                i += 1  # preempted by an earlier request of this step
+            if req.status is not RequestStatus.RUNNING or req.certain_to_finish:
+                i += 1  # preempted by an earlier request of this step, or ends when its step is read back
                 continue
             left = req.num_tokens - req.num_computed_tokens
             n = min(left, long_cap if left > self.config.long_prompt_threshold else cap, budget)
@@ -286,6 +286,37 @@ class Scheduler:
                 self.kv.truncate(req)
             self.kv.cache_computed_blocks(req)
         return finished
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """Overlap scheduling: `out` was launched and its results are not read yet. Advance the computed
+        counts now and give every sampling request a PENDING_TOKEN, so the next step can be scheduled
+        (and launched) before this one's tokens reach the host. No speculation here."""
+        if out.kv_ops:
+            self.kv.ops_done()  # enqueued before the forward: later device work runs after them
+        for seq in out.seqs:
+            req = seq.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted after it was scheduled: its row's result is dropped
+            req.num_computed_tokens += seq.num_new_tokens
+            if seq.samples:
+                req.append_token(PENDING_TOKEN)
+            self.kv.cache_computed_blocks(req)  # every computed token is known: only the new one is pending
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Overlap scheduling: the committed step `out` has been read back; its tokens replace the pending
+        ones and stop conditions are checked (a stopped request is finished here). Returns the requests
+        that got their token: not those aborted or finished since (a preempted one keeps its token)."""
+        resolved = []
+        for seq in out.seqs:
+            req = seq.request
+            if not seq.samples or not req.has_pending_token or req.status.finished:
+                continue
+            req.resolve_pending_token(sampled[req.request_id])
+            stopped = req.check_stop()
+            if stopped is not None:
+                self.finish(req, stopped)
+            resolved.append(req)
+        return resolved
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Finish a request wherever it is (running, waiting or preempted) and free its blocks."""

@@ -12,7 +12,26 @@ from loopserve.attention.triton_backend import make_backend
 from loopserve.config import ModelConfig
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
-from loopserve.runner.sampler import SampledToken, Sampler, SamplingRow
+from loopserve.engine.request import PENDING_TOKEN
+from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; `result` reads the tokens back.
+
+    Under overlap scheduling the next step is prepared and launched before this one's result is read:
+    its inputs take this step's sampled tokens on the device (`token_rows` says which row is whose)."""
+    out: SchedulerOutput
+    sampling: list[ScheduledSeq] = field(default_factory=list)
+    batch: SampledBatch | None = None
+    token_rows: dict[str, int] = field(default_factory=dict)
+
+    def result(self) -> RunnerOutput:
+        if self.batch is None:
+            return RunnerOutput({})
+        tokens = self.batch.tokens()
+        return RunnerOutput({s.request.request_id: [t] for s, t in zip(self.sampling, tokens)})
 
 
 @dataclass
@@ -72,9 +91,11 @@ class ModelRunner:
                                        scratch_block=num_blocks, device=device)
             self.graphs.capture()
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """The step's inputs. Everything the device needs travels in ONE host-to-device copy (token ids,
-        positions, slots, block tables, logits rows, and the layout for device-side kernels), sliced there."""
+        positions, slots, block tables, logits rows, and the layout for device-side kernels), sliced there.
+        A PENDING_TOKEN input (overlap scheduling) is taken from `prev`'s sampled tokens on the device."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -86,12 +107,17 @@ class ModelRunner:
         logits_rows: list[int] = []
         max_blocks = max(len(s.block_ids) for s in out.seqs)
         tables: list[int] = []
+        fill_dst: list[int] = []  # input rows whose token is pending ...
+        fill_src: list[int] = []  # ... and their rows in prev's sampled tokens
         for i, seq in enumerate(out.seqs):
             req = seq.request
             start, n = req.num_computed_tokens, seq.num_new_tokens
             end = start + n
             known_end = end - seq.num_spec_tokens
             token_ids.extend(req.all_token_ids[start:known_end])
+            if token_ids and token_ids[-1] == PENDING_TOKEN:
+                fill_dst.append(len(token_ids) - 1)
+                fill_src.append(prev.token_rows[req.request_id])
             if seq.num_spec_tokens:
                 token_ids.extend(req.spec_token_ids[:seq.num_spec_tokens])
             pos = range(start, end)
@@ -109,9 +135,12 @@ class ModelRunner:
         parts = [token_ids, positions, slots, tables, logits_rows]
         if self.backend.needs_device_layout:
             parts += [query_start_loc, seq_lens]
+        parts += [fill_dst, fill_src]
         flat = [x for part in parts for x in part]
         packed = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)
         views = packed.split([len(p) for p in parts])
+        if fill_dst:
+            views[0].index_copy_(0, views[-2], prev.batch.token_ids.index_select(0, views[-1]))
         meta = AttentionMetadata(
             query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=views[2],
             block_tables=views[3].view(len(out.seqs), max_blocks), decode_indices=decode_idx,
@@ -123,12 +152,13 @@ class ModelRunner:
         return views[0], views[1], meta, views[4]
 
     @torch.inference_mode()
-    def forward_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[ScheduledSeq]]:
+    def forward_logits(self, out: SchedulerOutput, prev: LaunchedStep | None = None
+                       ) -> tuple[torch.Tensor | None, list[ScheduledSeq]]:
         """One forward pass; fp32 logits of the sampling rows (k + 1 per speculating request) and the
         scheduled sequences they belong to, in order."""
         if out.empty:
             return None, []
-        input_ids, positions, meta, logits_rows = self._prepare(out)
+        input_ids, positions, meta, logits_rows = self._prepare(out, prev)
         sampling = [s for s in out.seqs if s.samples]
         if (self.graphs is not None and not meta.prefill_indices and len(sampling) == len(out.seqs)
                 and self.graphs.fits(len(out.seqs), meta.block_tables.shape[1])):
@@ -180,19 +210,33 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, draft_probs: dict[str, torch.Tensor] | None = None,
                 want_predictions: bool = False) -> RunnerOutput:
+        """Run the step and read its tokens back (speculating requests are verified here)."""
+        if not any(s.num_spec_tokens for s in out.seqs):
+            return self.launch(out).result()
         if out.kv_ops:
             self.run_kv_ops(out.kv_ops)
         masks = self._start_masks(out)
         logits, sampling = self.forward_logits(out)
-        if logits is None:
-            return RunnerOutput({})
         if masks is not None:
             self.structured.apply_masks(logits, *masks)
-        if any(s.num_spec_tokens for s in sampling):
-            from loopserve.spec.verify import verify
-            sampled, predictions = verify(self.sampler, logits, sampling, draft_probs or {}, want_predictions)
-            return RunnerOutput(sampled, predictions)
+        from loopserve.spec.verify import verify
+        sampled, predictions = verify(self.sampler, logits, sampling, draft_probs or {}, want_predictions)
+        return RunnerOutput(sampled, predictions)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the step's block copies, forward and sampling on the device without waiting for it;
+        pending input tokens come from `prev`. The sampled tokens start their copy to the host."""
+        if out.kv_ops:
+            self.run_kv_ops(out.kv_ops)
+        masks = self._start_masks(out)
+        logits, sampling = self.forward_logits(out, prev)
+        if logits is None:
+            return LaunchedStep(out)
+        if masks is not None:
+            self.structured.apply_masks(logits, *masks)
         rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
                             s.request.generator) for s in sampling]
-        tokens = self.sampler.sample(logits, rows)
-        return RunnerOutput({s.request.request_id: [t] for s, t in zip(sampling, tokens)})
+        batch = self.sampler.sample_batch(logits, rows)
+        batch.start_copy()
+        return LaunchedStep(out, sampling, batch, {s.request.request_id: i for i, s in enumerate(sampling)})

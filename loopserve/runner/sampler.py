@@ -47,6 +47,56 @@ class SampledToken:
     rank: int | None = None  # 1-based rank of the sampled token in the vocab (1 + #tokens strictly better)
 
 
+@dataclass
+class SampledBatch:
+    """One step's samples while they may still live on the device.
+
+    `start_copy` queues their device-to-host copies into pinned memory right behind the sampling
+    kernels and records an event; `tokens` then waits for that event only, not for whatever the
+    device was given after it (the next step, under overlap scheduling)."""
+    token_ids: torch.Tensor                      # [S] long
+    logprob_rows: list[int]                      # rows that asked for logprobs, and how many top ones
+    logprob_ks: list[int]
+    chosen_logprobs: torch.Tensor | None = None  # [L] float: the sampled tokens' logprobs
+    ranks: torch.Tensor | None = None            # [L] long
+    top_logprobs: torch.Tensor | None = None     # [L, kmax] float
+    top_ids: torch.Tensor | None = None          # [L, kmax] long
+    _host: dict[str, torch.Tensor] | None = None  # pinned host copies, once start_copy has queued them
+    _event: object = None
+
+    def start_copy(self) -> None:
+        if self.token_ids.device.type != "cuda":
+            return
+        self._host = {}
+        for name in ("token_ids", "chosen_logprobs", "ranks", "top_logprobs", "top_ids"):
+            src = getattr(self, name)
+            if src is not None:
+                self._host[name] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                self._host[name].copy_(src, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def tokens(self) -> list[SampledToken]:
+        if self._event is None:
+            self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()
+        out = [SampledToken(t) for t in self._read("token_ids")]
+        if not self.logprob_rows:
+            return out
+        chosen, ranks = self._read("chosen_logprobs"), self._read("ranks")
+        top_vals, top_ids = self._read("top_logprobs"), self._read("top_ids")
+        for j, (i, k) in enumerate(zip(self.logprob_rows, self.logprob_ks)):
+            out[i].logprob = chosen[j]
+            out[i].rank = ranks[j]
+            out[i].top_logprobs = list(zip(top_ids[j][:k], top_vals[j][:k])) if k > 0 else []
+        return out
+
+    def _read(self, name: str) -> list | None:
+        t = (self._host or {}).get(name, getattr(self, name))
+        return t.tolist() if t is not None else None
+
+
 class Sampler:
     def __init__(self, eos_token_ids: Sequence[int], seed: int = 0, device: torch.device | str = "cpu"):
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
@@ -62,17 +112,22 @@ class Sampler:
     # ------------------------------------------------------------------ public entry point
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        return self.sample_batch(logits, rows).tokens()
+
+    def sample_batch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+        """The step's tokens (and logprobs) as device tensors: nothing here waits for the device, except
+        a top-p row without top-k whose nucleus spans more than TOP_P_CANDIDATES tokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         if not rows:
-            return []
+            return SampledBatch(torch.empty(0, dtype=torch.long, device=logits.device), [], [])
         num_rows, vocab = logits.shape
 
         want_logprobs, needs_min_tokens, needs_rep, needs_pres_freq, sample_rows = self._plan(rows)
 
         # Hot path: all greedy, nothing to edit, no logprobs -> a bare argmax.
         if not (want_logprobs or needs_min_tokens or needs_rep or needs_pres_freq or sample_rows):
-            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
+            return SampledBatch(logits.argmax(dim=-1), [], [])
 
         x = self._process(logits, rows, vocab, needs_min_tokens, needs_rep, needs_pres_freq)
         if len(sample_rows) == num_rows:
@@ -84,7 +139,7 @@ class Sampler:
                 token_ids[idx] = self._sample_rows(x.index_select(0, idx), [rows[i] for i in sample_rows])
 
         if not want_logprobs:
-            return [SampledToken(t) for t in token_ids.tolist()]
+            return SampledBatch(token_ids, [], [])
         return self._with_logprobs(logits, rows, token_ids)
 
     # ------------------------------------------------------------------ logit processors
@@ -301,24 +356,18 @@ class Sampler:
     # ------------------------------------------------------------------ logprobs
 
     @staticmethod
-    def _with_logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor) -> list[SampledToken]:
+    def _with_logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor) -> SampledBatch:
         """Logprobs of the RAW logits: log_softmax(x) = x - logsumexp(x), without materialising it."""
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         idx = torch.tensor(lp_rows).to(logits.device)
         x = logits.index_select(0, idx).float()
         lse = x.logsumexp(dim=-1, keepdim=True)
         chosen = x.gather(1, token_ids.index_select(0, idx).unsqueeze(1))
-        ranks = (x > chosen).sum(dim=-1) + 1  # same order as the logprobs
-        chosen_lp = (chosen - lse).squeeze(1).tolist()
-        kmax = min(max(rows[i].params.logprobs for i in lp_rows), x.shape[1])
+        ks = [rows[i].params.logprobs for i in lp_rows]
+        batch = SampledBatch(token_ids, lp_rows, ks, chosen_logprobs=(chosen - lse).squeeze(1),
+                             ranks=(x > chosen).sum(dim=-1) + 1)  # rank: 1 + tokens strictly better
+        kmax = min(max(ks), x.shape[1])
         if kmax > 0:
-            top_vals, top_ids = x.topk(kmax, dim=-1)
-            top_vals, top_ids = (top_vals - lse).tolist(), top_ids.tolist()
-
-        out = [SampledToken(t) for t in token_ids.tolist()]
-        for j, (i, rank) in enumerate(zip(lp_rows, ranks.tolist())):
-            k = rows[i].params.logprobs
-            out[i].logprob = chosen_lp[j]
-            out[i].rank = rank
-            out[i].top_logprobs = list(zip(top_ids[j][:k], top_vals[j][:k])) if k > 0 else []
-        return out
+            top_vals, batch.top_ids = x.topk(kmax, dim=-1)
+            batch.top_logprobs = top_vals - lse
+        return batch

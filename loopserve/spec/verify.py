@@ -149,7 +149,7 @@ def _with_logprobs(logits: torch.Tensor, rows: list[SamplingRow], seqs: list[Sch
     if idx:
         sel = torch.tensor(idx, device=logits.device)
         scored = Sampler._with_logprobs(logits.index_select(0, sel), [rows[i] for i in idx],
-                                        torch.tensor(tokens, device=logits.device))
+                                        torch.tensor(tokens, device=logits.device)).tokens()
         pos: dict[str, int] = {}
         for rid, tok in zip(owners, scored):
             j = pos.get(rid, 0)
