@@ -19,6 +19,12 @@ one small chunk of extra step time instead of a whole budget-sized one. Alone, i
 every step up to the per-step cap: full speed soon, yet a short request arriving just after a quiet
 spell (agents in their tool pauses) never waits behind one huge step.
 
+Overlap scheduling: `commit` is called right after a step is launched (computed counts advance, each
+sampling request gets a PENDING_TOKEN), so the next step can be scheduled before this one's tokens are
+known; `resolve` swaps the real tokens in and finishes stopped requests. A request whose pending token
+ends it by length is not scheduled again; one stopped by its token has already been scheduled once
+more, and that row's result is dropped.
+
 Session retention (engine/retention.py): finished turns of a session stay pinned; pins are released
 (closest to expiry first) before any request is preempted or left waiting for blocks.
 """

@@ -13,6 +13,7 @@ from loopserve.config import ModelConfig
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
+from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
 
 
@@ -137,7 +138,7 @@ class ModelRunner:
             parts += [query_start_loc, seq_lens]
         parts += [fill_dst, fill_src]
         flat = [x for part in parts for x in part]
-        packed = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)
+        packed = to_device(flat, torch.long, self.device)
         views = packed.split([len(p) for p in parts])
         if fill_dst:
             views[0].index_copy_(0, views[-2], prev.batch.token_ids.index_select(0, views[-1]))
@@ -190,12 +191,10 @@ class ModelRunner:
         """Offloads, restores and copy-on-write copies, in order; runs of one kind go in one indexed copy."""
         for kind, group in itertools.groupby(ops, key=lambda op: op.kind):
             group = list(group)
-            src = torch.tensor([op.src for op in group], dtype=torch.long)
-            dst = torch.tensor([op.dst for op in group], dtype=torch.long)
-            if kind != "offload":
-                dst = dst.to(self.device, non_blocking=True)
-            if kind != "restore":
-                src = src.to(self.device, non_blocking=True)
+            src = [op.src for op in group]
+            dst = [op.dst for op in group]
+            dst = to_device(dst, torch.long, self.device if kind != "offload" else torch.device("cpu"))
+            src = to_device(src, torch.long, self.device if kind != "restore" else torch.device("cpu"))
             for layer, cache in enumerate(self.kv_caches):
                 for dev, host in zip((cache.key, cache.value), self.host_kv[layer] if self.host_kv else (None, None)):
                     if cache.heads_outer:  # blocks are dim 1

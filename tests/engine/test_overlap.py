@@ -180,3 +180,37 @@ def test_session_turns_pin_and_hit_the_same_blocks(make_llm):
         results.append((outputs([first, second]), second.num_cached_tokens, llm.stats().retention.sessions))
     assert results[1] == results[0]
     assert results[0][1] >= len(p)
+
+
+def test_launching_a_step_never_waits_for_the_device(make_llm, device):
+    """Overlap only pays if launching step N+1 queues its work without waiting for step N: inputs,
+    forward, sampling (greedy, top-k/top-p/min-p, seeded, logprobs) and the copy of its tokens."""
+    if not device.startswith("cuda"):
+        pytest.skip("needs --device cuda: torch.cuda.set_sync_debug_mode finds host synchronisations")
+    import torch
+
+    ps = prompts(6, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.95, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=1.0, min_p=0.1, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0, logprobs=3, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=8, ignore_eos=True)]
+    llm = make_llm(overlap_scheduling=True)
+    llm.generate(ps, params)  # warm-up: kernels compiled, graphs captured, allocator pools filled
+    runner = llm.engine.runner
+    orig, launches = runner.launch, []
+
+    def launch(out, prev=None):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = orig(out, prev)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        launches.append(prev is not None)
+        return step
+
+    runner.launch = launch
+    outs = llm.generate(ps, params)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    assert sum(launches) >= 5
