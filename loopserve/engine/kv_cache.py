@@ -248,6 +248,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching, host)
         self._tables: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # leading blocks of each table already in the index
+        self._ids: dict[str, list[int]] = {}  # block_ids() of each table, as of its last call
         self._copy_sources: list[KVBlock] = []  # COW donors referenced until their copy has run
         self.stats = PrefixCacheStats()
 
@@ -264,7 +265,18 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, ())]
+        """The request's block table as ids. Tables only grow at the end or lose their tail, so the
+        list is kept per request and brought up to date here (the caller must not modify it)."""
+        table = self._tables.get(request_id)
+        if not table:
+            self._ids.pop(request_id, None)
+            return []
+        ids = self._ids.get(request_id)
+        if ids is None:
+            ids = self._ids[request_id] = [b.block_id for b in table]
+        elif len(ids) < len(table):
+            ids.extend(b.block_id for b in table[len(ids):])
+        return ids
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         bs = self.block_size
@@ -349,6 +361,15 @@ class KVCacheManager:
         `cached` are prefix hits (a list of device blocks, or a full PrefixHit) for a request that
         holds no blocks yet.
         """
+        if not cached:  # a running request growing (every decode, every step): no hit bookkeeping
+            table = self._tables.get(request.request_id)
+            if table is not None:
+                needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) - len(table)
+                if needed > 0:
+                    if needed > self.pool.num_free_blocks:
+                        return False
+                    table.extend(self.pool.allocate(needed))
+                return True
         hit = cached if isinstance(cached, PrefixHit) else PrefixHit(list(cached))
         table = self._tables.setdefault(request.request_id, [])
         has_hit = bool(hit.blocks or hit.host_slots or hit.cow_tokens)
@@ -444,11 +465,13 @@ class KVCacheManager:
             assert self._num_hashed.get(request.request_id, 0) <= keep
             surplus = table[keep:]
             del table[keep:]
+            self._ids.pop(request.request_id, None)
             self.pool.release(surplus[::-1])
 
     def free(self, request: Request) -> None:
         table = self._tables.pop(request.request_id, None)
         self._num_hashed.pop(request.request_id, None)
+        self._ids.pop(request.request_id, None)
         if table:
             self.pool.release(table[::-1])
 

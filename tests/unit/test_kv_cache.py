@@ -148,3 +148,26 @@ def test_block_pool_release_order_evicts_tail_first():
         pool.cache(b, bytes([i]))
     pool.release(blocks[::-1])
     assert [b.block_id for b in pool.allocate(1)] == [blocks[2].block_id]
+
+
+def test_block_ids_follow_growth_truncation_and_free():
+    """block_ids keeps one list per request in step with its table (decodes grow it by one block now
+    and then, a speculative rollback truncates it, a preemption frees it)."""
+    kv = KVCacheManager(16, BS)
+    req = make_req("a", list(range(6)))
+    assert kv.allocate(req, 6)
+    first = list(kv.block_ids("a"))
+    assert len(first) == 2
+    req.num_computed_tokens = 6
+    assert kv.allocate(req, 1) and kv.block_ids("a") == first       # fits in the last block
+    assert kv.allocate(req, 3)                                       # 9 tokens: a third block
+    grown = kv.block_ids("a")
+    assert grown[:2] == first and len(grown) == 3
+    req.num_computed_tokens = 4
+    kv.truncate(req)                                                 # back to one block
+    assert kv.block_ids("a") == first[:1]
+    assert kv.allocate(req, 6)
+    assert kv.block_ids("a") == [b.block_id for b in kv._tables["a"]] and len(kv.block_ids("a")) == 3
+    kv.free(req)
+    assert kv.block_ids("a") == [] and pool_whole(kv)
+    assert not kv.allocate(req, 16 * BS + 1) and kv.block_ids("a") == []  # too big: nothing held

@@ -1,0 +1,101 @@
+"""Host work per engine step, with the model's forward replaced by nothing.
+
+Overlap scheduling hides the host's share of a step (scheduling, building the step's inputs, sampling
+bookkeeping, reading tokens back into requests, building outputs) behind the device's forward, but
+only while that share is shorter than the forward. This runs the real EngineCore with a dummy
+model whose forward is skipped (the step's inputs are still built, and a [B, 8] zero logits tensor
+is sampled greedily), B decoding requests at a time, and reports the host time per step by batch
+size, synchronous and overlapped, so it can be set against the device step times in docs/PERF.md.
+
+  python -m bench.host_overhead --batch 1 16 64 256 --out bench/results/host-overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.engine.core import EngineCore, EngineRequest
+from loopserve.sampling_params import SamplingParams
+
+
+def make_core(config: Path, batch: int, overlap: bool) -> EngineCore:
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(config, folder / "config.json")
+    core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype="fp32", device="cpu",
+                                   max_model_len=4096, cache=CacheConfig(num_blocks=batch * 40 + 64),
+                                   scheduler=SchedulerConfig(max_num_seqs=max(batch, 1),
+                                                             max_num_batched_tokens=max(2048, batch)),
+                                   overlap_scheduling=overlap))
+    runner = core.runner
+
+    def forward_logits(out, prev=None):  # the inputs are built; the forward itself is skipped
+        if out.empty:
+            return None, []
+        runner._prepare(out, prev)
+        sampling = [s for s in out.seqs if s.samples]
+        return torch.zeros(len(sampling), 8), sampling
+
+    runner.forward_logits = forward_logits
+    return core
+
+
+def measure(core: EngineCore, batch: int, prompt_len: int, steps: int, rounds: int) -> list[float]:
+    """Median host seconds per pure-decode step, one value per round."""
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    per_round = []
+    for r in range(rounds):
+        for i in range(batch):
+            core.add_request(EngineRequest(f"r{r}-{i}", [100 + (i + j) % 900 for j in range(prompt_len)], params))
+        while not all(req.num_output_tokens for req in core.requests.values()):
+            core.step()  # prefills
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            core.step()
+            times.append(time.perf_counter() - t0)
+        per_round.append(statistics.median(times))
+        core.abort(list(core.requests))
+        while core.has_unfinished():
+            core.step()
+    return per_round
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "smollm2-135m.json")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for batch in args.batch:
+        row = {"batch": batch}
+        for mode, overlap in (("sync", False), ("overlap", True)):
+            core = make_core(args.config, batch, overlap)
+            per_round = measure(core, batch, args.prompt_len, args.steps, args.rounds)
+            row[f"{mode}_ms_per_step"] = statistics.median(per_round) * 1e3
+            row[f"{mode}_us_per_request"] = statistics.median(per_round) * 1e6 / batch
+            row[f"{mode}_rounds_ms"] = [t * 1e3 for t in per_round]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"bench": "host_overhead", "config": args.config.name, "prompt_len": args.prompt_len,
+              "steps": args.steps, "rounds": args.rounds, "python": platform.python_version(),
+              "torch": torch.__version__, "machine": platform.machine(), "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
