@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU run (< 8 min): GPU tests (Triton kernels, CUDA graphs, engine), the weight-streaming
-# floor, loopserve's engine (Triton + CUDA graphs; torch eager as the old path), saturation throughput,
-# and transformers' eager generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
+# One prepared GPU run (< 8 min): GPU tests (Triton kernels, CUDA graphs, engine, overlap scheduling), the
+# weight-streaming floor, loopserve's engine (Triton + CUDA graphs, overlap on and off; torch eager as the
+# old path), a profile of where the 8B steps' time goes, saturation throughput, and transformers' eager
+# generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
 # Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself.
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
 set -uo pipefail
@@ -22,6 +23,8 @@ timeout 120 python -m pytest -q -p no:cacheprovider --device cuda tests/model/te
 echo "== 8B"
 g 100 engine --config $B8
 g 40 floor --config $B8
+echo "== 8B profile: batch-1 decode, 8k cached + 256, mixed decode + prefill steps"
+timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
 echo "== 135M"
 g 60 engine --config $B135
 g 30 floor --config $B135
@@ -41,6 +44,11 @@ python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
+    if r["mode"].startswith("profile_"):
+        top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
+        print(r["config"], r["mode"], f'wall={r["wall_ms_per_step"]:.3f} ms/step',
+              f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top)
+        continue
     keys = [k for k in ("backend", "cuda_graphs", "overlap", "batch", "ms_per_step", "decode_tok_s",
                         "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",

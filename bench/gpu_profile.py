@@ -1,0 +1,153 @@
+"""Where a step's time goes, for the issue-5 cells still short of target (dummy weights, torch.profiler).
+
+Three phases, each profiled on its own after a warm-up, each one JSON line:
+  decode_b1         batch-1 decode steps (graph replays): device busy time against wall time shows the
+                    host gap overlap scheduling is meant to close;
+  cached_plus_new   one request whose first `--long-len` tokens are cached, plus 256 new (the TTFT cell);
+  mixed             `--batch` requests decoding while a `--prefill-len` prompt arrives every step (the
+                    eager mixed steps that bound saturation throughput).
+Per phase: wall ms per step, device-busy ms per step (sum of kernel time), the top kernels and the top
+host-side ops by self time.
+
+  python -m bench.gpu_profile --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.engine.core import EngineCore, EngineRequest
+from loopserve.sampling_params import SamplingParams
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _summary(prof, phase: str, wall_s: float, steps: int, top: int) -> dict:
+    events = prof.key_averages()
+    rows = []
+    for e in events:
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        rows.append((e.key[:90], e.count, dev_us / 1e3, e.self_cpu_time_total / 1e3))
+    busy_ms = sum(r[2] for r in rows)
+    by_dev = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])[:top]
+    by_cpu = sorted(rows, key=lambda r: -r[3])[:top]
+    on_device = busy_ms > 0  # no kernels recorded: a CPU run, nothing to say about device idle time
+    return {"mode": f"profile_{phase}", "steps": steps, "wall_ms_per_step": wall_s * 1e3 / steps,
+            "device_busy_ms_per_step": busy_ms / steps if on_device else None,
+            "device_idle_share": max(0.0, 1 - busy_ms / (wall_s * 1e3)) if on_device else None,
+            "top_kernels": [{"name": n, "calls": c, "ms": round(d, 3)} for n, c, d, _ in by_dev],
+            "top_host_ops": [{"name": n, "calls": c, "self_cpu_ms": round(h, 3)} for n, c, _, h in by_cpu]}
+
+
+def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, before_step=None) -> dict:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _sync(device)
+    done = 0
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        while done < steps and core.has_unfinished():
+            if before_step is not None:
+                before_step(done)
+            core.step()
+            done += 1
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return _summary(prof, phase, wall, max(done, 1), top)
+
+
+def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int) -> list[dict]:
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(config, folder / "config.json")
+    dtype = "bf16" if device.startswith("cuda") else "fp32"
+    core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype=dtype, device=device,
+                                   max_model_len=long_len + 512,
+                                   cache=CacheConfig(kv_cache_bytes=8 << 30 if device.startswith("cuda") else 1 << 30),
+                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(batch + 8, 16),
+                                                             long_prefill_token_threshold=8192)))
+    vocab = core.model_config.vocab_size
+    rng = random.Random(0)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(100, vocab - 1) for _ in range(n)]
+
+    def add(rid: str, ids: list[int], max_tokens: int) -> None:
+        core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)))
+
+    def drain() -> None:
+        while core.has_unfinished():
+            core.step()
+
+    results = []
+    # batch-1 decode
+    add("warm", prompt(128), 16)
+    drain()
+    add("b1", prompt(128), 64)
+    for _ in range(4):
+        core.step()
+    results.append(_profiled(core, device, "decode_b1", 32, top))
+    drain()
+    # cached prefix + 256 new tokens
+    long_prompt = prompt(long_len)
+    add("long_warm", prompt(long_len), 1)
+    drain()
+    add("long_cached_warm", prompt(long_len - 256) + prompt(256), 1)
+    drain()
+    add("long", long_prompt, 1)
+    drain()
+    add("cached", long_prompt + prompt(256), 1)
+    results.append(_profiled(core, device, "cached_plus_new", 8, top))
+    drain()
+    # decodes mixed with a new prompt every step
+    for i in range(batch):
+        add(f"d{i}", prompt(512), 256)
+    while not all(r.num_output_tokens for r in core.requests.values()):
+        core.step()
+
+    def arrival(i: int) -> None:
+        add(f"p{i}", prompt(prefill_len), 1)
+
+    for i in range(3):  # warm the mixed shapes
+        arrival(1000 + i)
+        core.step()
+    results.append(_profiled(core, device, "mixed", 10, top, before_step=arrival))
+    core.abort(list(core.requests))
+    drain()
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--long-len", type=int, default=8192)
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    for res in run(args.config, args.device, args.long_len, args.prefill_len, args.batch, args.top):
+        res.update(config=args.config.name, device=name)
+        line = json.dumps(res)
+        print(line, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
