@@ -66,4 +66,6 @@ class ForwardBatch:
     """Everything a model's forward needs besides token ids and positions."""
     meta: AttentionMetadata
     kv_caches: list[KVCache]        # one per layer
-    backend: "object"               # has .forward(q, k, v, cache, meta, scale) -> [T, Hq, D]
+    # .store_rotated(q, k, v, positions, cos_sin_cache, cache, meta) then .attend(q, k, v, cache, meta, scale)
+    # -> [T, Hq, D]; .forward(q, k, v, cache, meta, scale) for already-rotated q and k
+    backend: "object"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loopserve.attention.metadata import AttentionMetadata, KVCache
+from loopserve.model.fused_ops import rotary_qk_
 
 # Sequences with at most this many new tokens over a cached context (speculative verify passes) are
 # batched in one padded SDPA call, like decodes, instead of one call each.
@@ -258,6 +259,17 @@ class TorchPagedAttention:
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
         self.write_kv(cache, key, value, meta.slot_mapping)
+        return self.attend(query, key, value, cache, meta, scale)
+
+    def store_rotated(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> None:
+        """Rotary on query and key in place, then the new key and value into the cache."""
+        rotary_qk_(query, key, positions, cos_sin_cache)
+        self.write_kv(cache, key, value, meta.slot_mapping)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of the new tokens (already in the cache) over their contexts; [T, Hq, D]."""
         out = torch.empty_like(query)
         bs = cache.block_size
         num_q_heads, num_kv_heads = query.shape[1], cache.num_kv_heads

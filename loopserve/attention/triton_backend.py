@@ -13,6 +13,7 @@ import torch
 
 from loopserve.attention.metadata import AttentionMetadata, KVCache
 from loopserve.attention.torch_ref import TorchPagedAttention
+from loopserve.model.fused_ops import rotary_qk_store_kv_
 
 
 class TritonPagedAttention:
@@ -24,10 +25,21 @@ class TritonPagedAttention:
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
+        self.write_kv(cache, key, value, meta.slot_mapping)
+        return self.attend(query, key, value, cache, meta, scale)
+
+    @staticmethod
+    def store_rotated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> None:
+        """Rotary on query and key and the cache write of key and value: one kernel on CUDA."""
+        rotary_qk_store_kv_(query, key, value, positions, cos_sin_cache, cache.key, cache.value, meta.slot_mapping)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of the new tokens (already in the cache) over their contexts; [T, Hq, D]."""
         from loopserve.attention.triton_decode import paged_decode_attention
         from loopserve.attention.triton_extend import paged_extend_attention
 
-        self.write_kv(cache, key, value, meta.slot_mapping)
         if not meta.prefill_indices:
             # Pure decode: row i is sequence i's only new token.
             return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)

@@ -1,5 +1,6 @@
 """Fused elementwise ops for the decoder: RMSNorm (plain and with the residual add), rotary
-embedding on q and k together, and SiLU-and-mul, each a single Triton kernel.
+embedding on q and k together (optionally also writing the new k and v into the paged KV cache), and
+SiLU-and-mul, each a single Triton kernel.
 
 Why fused
 ---------
@@ -96,6 +97,17 @@ def rotary_qk_torch_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     k.copy_(rotary_torch(k, positions, cos_sin_cache))
 
 
+def rotary_qk_store_kv_torch_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor) -> None:
+    """Reference: rotary in place on q and k, then rotated k and v written to the paged cache
+    [num_blocks, block_size, Hkv, D] at their slots."""
+    rotary_qk_torch_(q, k, positions, cos_sin_cache)
+    nb, bs, h, d = key_cache.shape
+    key_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
+    value_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
+
+
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] -> silu(gate) * up, [..., I]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -166,6 +178,7 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # Rotate heads [h0, h0 + BLOCK_H) of token `tok` in place; cos/sin are fp32 [BLOCK_D].
+        # Returns the rotated halves (fp32), their heads and mask, for callers that store them elsewhere too.
         heads = h0 + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         mask = (heads[:, None] < n_heads) & (d[None, :] < half)
@@ -179,6 +192,7 @@ if HAS_TRITON:
         o2 = x2 * c + x1 * s
         tl.store(p1, o1.to(x_ptr.dtype.element_ty), mask=mask)
         tl.store(p2, o2.to(x_ptr.dtype.element_ty), mask=mask)
+        return o1, o2, heads, mask
 
     @triton.jit
     def _rotary_qk_kernel(
@@ -203,6 +217,44 @@ if HAS_TRITON:
         else:
             _rope_heads(k_ptr, stride_kt, stride_kh, tok, (hb - n_q_blocks) * BLOCK_H, n_k_heads, half,
                         cos, sin, BLOCK_H, BLOCK_D)
+
+    @triton.jit
+    def _rotary_qk_store_kv_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, slot_ptr, kc_ptr, vc_ptr,
+        n_q_heads, n_k_heads, half, n_q_blocks,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pos, stride_cache,
+        stride_slot, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Grid (T, q head blocks + k head blocks). A q block rotates q in place; a k block rotates k in
+        # place, writes it to the key cache row of the token's slot and copies v to the value cache.
+        tok = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < half
+        row = cache_ptr + pos * stride_cache
+        cos = tl.load(row + d, mask=dmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
+        sin = tl.load(row + half + d, mask=dmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
+        if hb < n_q_blocks:
+            _rope_heads(q_ptr, stride_qt, stride_qh, tok, hb * BLOCK_H, n_q_heads, half, cos, sin,
+                        BLOCK_H, BLOCK_D)
+        else:
+            o1, o2, heads, mask = _rope_heads(k_ptr, stride_kt, stride_kh, tok, (hb - n_q_blocks) * BLOCK_H,
+                                              n_k_heads, half, cos, sin, BLOCK_H, BLOCK_D)
+            heads = heads.to(tl.int64)
+            slot = tl.load(slot_ptr + tok * stride_slot).to(tl.int64)
+            # The cache gets k rounded to k's dtype first, exactly what the in-place k holds.
+            o1 = o1.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+            o2 = o2.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+            dst_k = kc_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_h + d[None, :]
+            tl.store(dst_k, o1, mask=mask)
+            tl.store(dst_k + half, o2, mask=mask)
+            src_v = v_ptr + tok * stride_vt + heads[:, None] * stride_vh + d[None, :]
+            dst_v = vc_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_h + d[None, :]
+            tl.store(dst_v, tl.load(src_v, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst_v + half, tl.load(src_v + half, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty),
+                     mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -333,6 +385,55 @@ def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
         q, k, positions, cache,
         n_q, n_k, half, n_q_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), cache.stride(0),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def _store_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> str | None:
+    problem = _rotary_problem(q, k, positions, cos_sin_cache) or _dtype_problem(v, key_cache, value_cache)
+    if problem:
+        return problem
+    if v.shape != k.shape or (v.stride(2) != 1 and v.shape[2] > 1):
+        return f"v {tuple(v.shape)} must be shaped like k {tuple(k.shape)} with a contiguous last dim"
+    if key_cache.dim() != 4 or key_cache.shape[2:] != k.shape[1:] or value_cache.shape != key_cache.shape:
+        return (f"caches must be [blocks, block_size, Hkv, D] matching k: key {tuple(key_cache.shape)}, "
+                f"value {tuple(value_cache.shape)}, k {tuple(k.shape)}")
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        return "the caches must be contiguous"
+    if slot_mapping.shape != positions.shape or slot_mapping.dtype not in (torch.int32, torch.int64):
+        return f"slot_mapping must be [T] int32/int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+    return None
+
+
+def rotary_qk_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, *, use_triton: bool | None = None) -> None:
+    """Rotary in place on q [T, Hq, D] and k [T, Hkv, D], and the new tokens' rotated k and v written to
+    the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [T]: one launch for what is
+    otherwise a rotary kernel and two cache writes in every layer of every step."""
+    problem = _store_problem(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
+    if not _use_triton(q, use_triton, problem):
+        rotary_qk_store_kv_torch_(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
+        return
+    t, n_q, d = q.shape
+    n_k = k.shape[1]
+    if t == 0 or d == 0:
+        return
+    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
+    half = d // 2
+    block_d = _next_power_of_2(half)
+    block_h = min(_next_power_of_2(max(n_q, n_k)), max(1, _ROPE_TILE // block_d))
+    n_q_blocks = triton.cdiv(n_q, block_h)
+    n_k_blocks = triton.cdiv(n_k, block_h)
+    kc = key_cache.view(-1, n_k, d)
+    vc = value_cache.view(-1, n_k, d)
+    _rotary_qk_store_kv_kernel[(t, n_q_blocks + n_k_blocks)](
+        q, k, v, positions, cache, slot_mapping, kc, vc,
+        n_q, n_k, half, n_q_blocks,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), positions.stride(0),
+        cache.stride(0), slot_mapping.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
-from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, rotary_qk_, silu_and_mul
+from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
@@ -103,10 +103,6 @@ class RotaryEmbedding(nn.Module):
         with torch.device(device):
             self.cos_sin_cache = self._build()
 
-    def rotate_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
-        """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their positions (one fused kernel on GPU)."""
-        rotary_qk_(q, k, positions, self.cos_sin_cache)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype | None) -> None:
@@ -137,8 +133,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
-        rotary.rotate_(q, k, positions)  # in place: q and k are this step's own tensors
-        o = batch.backend.forward(q, k, v, batch.kv_caches[self.layer_idx], batch.meta, self.scale)
+        cache = batch.kv_caches[self.layer_idx]
+        # Rotary in place (q and k are this step's own tensors), then k and v into the cache: one kernel on GPU.
+        batch.backend.store_rotated(q, k, v, positions, rotary.cos_sin_cache, cache, batch.meta)
+        o = batch.backend.attend(q, k, v, cache, batch.meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 

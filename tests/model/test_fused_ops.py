@@ -15,6 +15,8 @@ from loopserve.model.fused_ops import (
     rms_norm,
     rms_norm_torch,
     rotary_qk_,
+    rotary_qk_store_kv_,
+    rotary_qk_store_kv_torch_,
     rotary_qk_torch_,
     rotary_torch,
     silu_and_mul,
@@ -139,6 +141,53 @@ def test_rotary_qk_matches_torch(t, head_dim, heads, dtype):
     # v (and anything else outside q and k) is untouched.
     v_start = (n_q + n_kv) * head_dim
     assert torch.equal(qkv[:, v_start:], ref_qkv[:, v_start:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (3, 1)], ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
+@pytest.mark.parametrize("head_dim", [16, 48, 64])
+@pytest.mark.parametrize("t", [1, 5])
+def test_rotary_qk_store_kv_matches_rotary_then_cache_write(t, head_dim, heads, dtype):
+    """One kernel = rotary on q and k in place + the new k and v in the paged cache at their slots;
+    every other cache entry is untouched."""
+    n_q, n_kv = heads
+    blocks, block_size = 6, 4
+    cache = _cos_sin_cache(head_dim)
+    positions = torch.randint(0, MAX_POS, (t,), generator=_gen(t + head_dim + n_q)).to(DEVICE)
+    slots = torch.randperm(blocks * block_size, generator=_gen(head_dim))[:t].to(DEVICE)
+    qkv, q, k = _qkv_views(t, n_q, n_kv, head_dim, dtype, seed=t * 7 + head_dim + n_kv)
+    v = qkv[:, (n_q + n_kv) * head_dim:].view(t, n_kv, head_dim)
+    kc = _randn(blocks, block_size, n_kv, head_dim, dtype=dtype, seed=5)
+    vc = _randn(blocks, block_size, n_kv, head_dim, dtype=dtype, seed=6)
+    ref_qkv, ref_kc, ref_vc = qkv.clone(), kc.clone(), vc.clone()
+    ref_q = ref_qkv[:, :n_q * head_dim].view(t, n_q, head_dim)
+    ref_k = ref_qkv[:, n_q * head_dim:(n_q + n_kv) * head_dim].view(t, n_kv, head_dim)
+    ref_v = ref_qkv[:, (n_q + n_kv) * head_dim:].view(t, n_kv, head_dim)
+    rotary_qk_store_kv_torch_(ref_q, ref_k, ref_v, positions, cache, ref_kc, ref_vc, slots)
+
+    rotary_qk_store_kv_(q, k, v, positions, cache, kc, vc, slots, use_triton=True)
+    torch.testing.assert_close(q, ref_q, **TOL[dtype])
+    torch.testing.assert_close(k, ref_k, **TOL[dtype])
+    assert torch.equal(v, ref_v)
+    flat_kc, flat_ref_kc = kc.view(-1, n_kv, head_dim), ref_kc.view(-1, n_kv, head_dim)
+    torch.testing.assert_close(flat_kc[slots], flat_ref_kc[slots], **TOL[dtype])
+    assert torch.equal(flat_kc[slots], k)  # the cache holds exactly the rotated k
+    assert torch.equal(vc, ref_vc)
+    others = torch.ones(blocks * block_size, dtype=torch.bool, device=DEVICE)
+    others[slots] = False
+    assert torch.equal(flat_kc[others], flat_ref_kc[others])
+
+
+def test_rotary_qk_store_kv_falls_back_or_refuses_bad_inputs():
+    t, n_q, n_kv, d = 2, 4, 2, 16
+    cache = _cos_sin_cache(d)
+    positions = torch.tensor([3, 9], device=DEVICE)
+    _, q, k = _qkv_views(t, n_q, n_kv, d, torch.float32, seed=1)
+    v = torch.zeros(t, n_kv, d, device=DEVICE)
+    heads_outer = torch.zeros(n_kv, 4, 4, d, device=DEVICE)  # the CPU layout: not this kernel's
+    with pytest.raises(ValueError, match="caches"):
+        rotary_qk_store_kv_(q, k, v, positions, cache, heads_outer, heads_outer.clone(), positions,
+                            use_triton=True)
 
 
 def test_rotary_qk_odd_half_dim_and_int32_positions():
