@@ -156,9 +156,9 @@ class EngineCore:
             overlap = False
         self.overlap = overlap
         self._in_flight: LaunchedStep | None = None  # overlap scheduling: launched, not read back yet
-        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (+%d in host memory), max_model_len %d",
-                 self.model_path, self.device, self.dtype, num_blocks, cache.block_size, num_host_blocks,
-                 self.max_model_len)
+        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens (+%d in host memory), max_model_len %d, "
+                 "overlap scheduling %s", self.model_path, self.device, self.dtype, num_blocks, cache.block_size,
+                 num_host_blocks, self.max_model_len, "on" if overlap else "off")
 
     @property
     def structured(self) -> StructuredOutputManager:
