@@ -73,11 +73,12 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
     folder = Path(tempfile.mkdtemp())
     shutil.copy(config, folder / "config.json")
     dtype = "bf16" if device.startswith("cuda") else "fp32"
+    kv_bytes = 8 << 30 if device.startswith("cuda") else 1 << 30
+    sched = SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(batch + 8, 16),
+                            long_prefill_token_threshold=8192)
     core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype=dtype, device=device,
-                                   max_model_len=long_len + 512,
-                                   cache=CacheConfig(kv_cache_bytes=8 << 30 if device.startswith("cuda") else 1 << 30),
-                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(batch + 8, 16),
-                                                             long_prefill_token_threshold=8192)))
+                                   max_model_len=long_len + 512, cache=CacheConfig(kv_cache_bytes=kv_bytes),
+                                   scheduler=sched))
     vocab = core.model_config.vocab_size
     rng = random.Random(0)
 

@@ -196,12 +196,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotary_qk_kernel(
-        q_ptr, k_ptr, pos_ptr, cache_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, slot_ptr, kc_ptr, vc_ptr,
         n_q_heads, n_k_heads, half, n_q_blocks,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_pos, stride_cache,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pos, stride_cache,
+        stride_slot, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STORE_KV: tl.constexpr,
     ):
-        # Grid (T, q head blocks + k head blocks): blocks [0, n_q_blocks) rotate q, the rest k.
+        # Grid (T, q head blocks + k head blocks): blocks [0, n_q_blocks) rotate q in place, the rest k.
+        # With STORE_KV a k block also writes its rotated k to the key cache row of the token's slot and
+        # copies v to the value cache (v_ptr, slot_ptr, kc_ptr, vc_ptr are unused otherwise).
         tok = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
@@ -215,46 +218,22 @@ if HAS_TRITON:
             _rope_heads(q_ptr, stride_qt, stride_qh, tok, hb * BLOCK_H, n_q_heads, half, cos, sin,
                         BLOCK_H, BLOCK_D)
         else:
-            _rope_heads(k_ptr, stride_kt, stride_kh, tok, (hb - n_q_blocks) * BLOCK_H, n_k_heads, half,
-                        cos, sin, BLOCK_H, BLOCK_D)
-
-    @triton.jit
-    def _rotary_qk_store_kv_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, slot_ptr, kc_ptr, vc_ptr,
-        n_q_heads, n_k_heads, half, n_q_blocks,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_pos, stride_cache,
-        stride_slot, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        # Grid (T, q head blocks + k head blocks). A q block rotates q in place; a k block rotates k in
-        # place, writes it to the key cache row of the token's slot and copies v to the value cache.
-        tok = tl.program_id(0).to(tl.int64)
-        hb = tl.program_id(1)
-        pos = tl.load(pos_ptr + tok * stride_pos).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < half
-        row = cache_ptr + pos * stride_cache
-        cos = tl.load(row + d, mask=dmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
-        sin = tl.load(row + half + d, mask=dmask, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
-        if hb < n_q_blocks:
-            _rope_heads(q_ptr, stride_qt, stride_qh, tok, hb * BLOCK_H, n_q_heads, half, cos, sin,
-                        BLOCK_H, BLOCK_D)
-        else:
             o1, o2, heads, mask = _rope_heads(k_ptr, stride_kt, stride_kh, tok, (hb - n_q_blocks) * BLOCK_H,
                                               n_k_heads, half, cos, sin, BLOCK_H, BLOCK_D)
-            heads = heads.to(tl.int64)
-            slot = tl.load(slot_ptr + tok * stride_slot).to(tl.int64)
-            # The cache gets k rounded to k's dtype first, exactly what the in-place k holds.
-            o1 = o1.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
-            o2 = o2.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
-            dst_k = kc_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_h + d[None, :]
-            tl.store(dst_k, o1, mask=mask)
-            tl.store(dst_k + half, o2, mask=mask)
-            src_v = v_ptr + tok * stride_vt + heads[:, None] * stride_vh + d[None, :]
-            dst_v = vc_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_h + d[None, :]
-            tl.store(dst_v, tl.load(src_v, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst_v + half, tl.load(src_v + half, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty),
-                     mask=mask)
+            if STORE_KV:
+                heads = heads.to(tl.int64)
+                slot = tl.load(slot_ptr + tok * stride_slot).to(tl.int64)
+                # The cache gets k rounded to k's dtype first, exactly what the in-place k holds.
+                o1 = o1.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+                o2 = o2.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+                dst_k = kc_ptr + slot * stride_kc_slot + heads[:, None] * stride_kc_h + d[None, :]
+                tl.store(dst_k, o1, mask=mask)
+                tl.store(dst_k + half, o2, mask=mask)
+                src_v = v_ptr + tok * stride_vt + heads[:, None] * stride_vh + d[None, :]
+                dst_v = vc_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_h + d[None, :]
+                tl.store(dst_v, tl.load(src_v, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty), mask=mask)
+                tl.store(dst_v + half, tl.load(src_v + half, mask=mask, other=0.0).to(vc_ptr.dtype.element_ty),
+                         mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(
@@ -362,15 +341,9 @@ def _rotary_problem(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return None
 
 
-def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,
-               use_triton: bool | None = None) -> None:
-    """Neox rotary in place on q [T, Hq, D] and k [T, Hkv, D] (views with any token/head strides).
-
-    positions [T] (int64 or int32) index cos_sin_cache [max_pos, D] = cat(cos, sin) (fp32).
-    """
-    if not _use_triton(q, use_triton, _rotary_problem(q, k, positions, cos_sin_cache)):
-        rotary_qk_torch_(q, k, positions, cos_sin_cache)
-        return
+def _rotary_launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                   store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    """The rotary kernel; `store` = (v, key_cache, value_cache, slot_mapping) also writes the cache."""
     t, n_q, d = q.shape
     n_k = k.shape[1]
     if t == 0 or d == 0:
@@ -381,12 +354,30 @@ def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     block_h = min(_next_power_of_2(max(n_q, n_k)), max(1, _ROPE_TILE // block_d))
     n_q_blocks = triton.cdiv(n_q, block_h)
     n_k_blocks = triton.cdiv(n_k, block_h)
+    if store is None:
+        v, kc, vc, slots = k, k, k, positions  # unused by the kernel without STORE_KV
+    else:
+        v, key_cache, value_cache, slots = store
+        kc, vc = key_cache.view(-1, n_k, d), value_cache.view(-1, n_k, d)
     _rotary_qk_kernel[(t, n_q_blocks + n_k_blocks)](
-        q, k, positions, cache,
+        q, k, v, positions, cache, slots, kc, vc,
         n_q, n_k, half, n_q_blocks,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), positions.stride(0), cache.stride(0),
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), positions.stride(0),
+        cache.stride(0), slots.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        BLOCK_H=block_h, BLOCK_D=block_d, STORE_KV=store is not None, num_warps=4,
     )
+
+
+def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *,
+               use_triton: bool | None = None) -> None:
+    """Neox rotary in place on q [T, Hq, D] and k [T, Hkv, D] (views with any token/head strides).
+
+    positions [T] (int64 or int32) index cos_sin_cache [max_pos, D] = cat(cos, sin) (fp32).
+    """
+    if not _use_triton(q, use_triton, _rotary_problem(q, k, positions, cos_sin_cache)):
+        rotary_qk_torch_(q, k, positions, cos_sin_cache)
+        return
+    _rotary_launch(q, k, positions, cos_sin_cache, None)
 
 
 def _store_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -417,25 +408,7 @@ def rotary_qk_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     if not _use_triton(q, use_triton, problem):
         rotary_qk_store_kv_torch_(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
         return
-    t, n_q, d = q.shape
-    n_k = k.shape[1]
-    if t == 0 or d == 0:
-        return
-    cache = cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous()
-    half = d // 2
-    block_d = _next_power_of_2(half)
-    block_h = min(_next_power_of_2(max(n_q, n_k)), max(1, _ROPE_TILE // block_d))
-    n_q_blocks = triton.cdiv(n_q, block_h)
-    n_k_blocks = triton.cdiv(n_k, block_h)
-    kc = key_cache.view(-1, n_k, d)
-    vc = value_cache.view(-1, n_k, d)
-    _rotary_qk_store_kv_kernel[(t, n_q_blocks + n_k_blocks)](
-        q, k, v, positions, cache, slot_mapping, kc, vc,
-        n_q, n_k, half, n_q_blocks,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), positions.stride(0),
-        cache.stride(0), slot_mapping.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
-    )
+    _rotary_launch(q, k, positions, cos_sin_cache, (v, key_cache, value_cache, slot_mapping))
 
 
 def silu_and_mul(gate_up: torch.Tensor, *, use_triton: bool | None = None) -> torch.Tensor:
