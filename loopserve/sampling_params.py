@@ -79,11 +79,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
-    @property
-    def penalized(self) -> bool:
-        """Repetition / presence / frequency penalties: sampling reads the tokens generated so far."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
     def for_sample(self, index: int) -> "SamplingParams":
         """Params of the index-th of n parallel samples: n=1, and seed+index so seeded samples differ."""
         seed = None if self.seed is None else self.seed + index

@@ -259,36 +259,28 @@ class EngineCore:
         return outputs
 
     def _step_overlapped(self) -> list[EngineOutput]:
-        """Overlap scheduling: schedule and launch step N+1, then read back step N and report it. The
-        device runs N+1 while the host reads N, checks stops and builds the outputs, so the host work
-        of a step hides behind the next forward. N+1 already holds rows for requests that N finishes
-        (their results are dropped) and takes N's tokens on the device."""
+        """Overlap scheduling: schedule step N+1 and queue its forward, then read back step N (while
+        the device runs N+1's forward), then queue N+1's sampling, which sees N's tokens (grammar
+        masks, penalties). The host's share of a step hides behind the device's. N+1 already holds
+        rows for requests that N finishes (their results are dropped) and takes N's tokens as inputs
+        on the device."""
         outputs: list[EngineOutput] = []
         prev = self._in_flight
         self._in_flight = None
-        if prev is not None and self._needs_tokens_first(prev):
-            outputs += self._resolve(prev)  # grammars and penalties read the tokens on the host
-            prev = None
         sched = self.scheduler.schedule()
-        launched = self.runner.launch(sched, prev) if not sched.empty else None
-        if prev is not None:
-            outputs += self._resolve(prev)
-        if launched is not None:
-            self.scheduler.commit(sched)
-            self._in_flight = launched
-        elif prev is None and self._structured is not None and not outputs:
-            self._structured.wait_pending(GRAMMAR_POLL_S)  # only grammars are left to wait for
-        return outputs
+        if sched.empty:
+            if prev is not None:
+                outputs += self._resolve(prev)
+            elif self._structured is not None:
+                self._structured.wait_pending(GRAMMAR_POLL_S)  # only grammars are left to wait for
+            return outputs
 
-    @staticmethod
-    def _needs_tokens_first(step: LaunchedStep) -> bool:
-        """Whether a request of `step` that goes on needs its sampled token on the host before its
-        next step is launched: its grammar's mask and its penalties depend on it."""
-        for seq in step.sampling:
-            req = seq.request
-            if req.status is RequestStatus.RUNNING and (req.grammar is not None or req.params.penalized):
-                return True
-        return False
+        def read_back() -> None:
+            outputs.extend(self._resolve(prev))
+
+        self._in_flight = self.runner.launch(sched, prev, read_back if prev is not None else None)
+        self.scheduler.commit(sched)
+        return outputs
 
     def _resolve(self, step: LaunchedStep) -> list[EngineOutput]:
         result = step.result()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,14 +177,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, logits_rows)), sampling
 
     def _start_masks(self, out: SchedulerOutput):
-        """Start filling the grammar masks of constrained rows (they fill while the forward runs)."""
+        """Start filling the grammar masks of constrained rows (they fill while the forward runs). A row
+        of a request that finished since it was scheduled (overlap scheduling) is left unmasked: its
+        result is dropped, and its grammar may be done."""
         if self.structured is None:
             return None
         rows, row = [], 0
         for seq in out.seqs:
             if not seq.samples:
                 continue
-            if seq.request.grammar is not None:
+            if seq.request.grammar is not None and not seq.request.status.finished:
                 rows.append((row + seq.num_spec_tokens, seq.request.grammar))
             row += seq.num_spec_tokens + 1
         if not rows:
@@ -226,13 +229,20 @@ class ModelRunner:
         return RunnerOutput(sampled, predictions)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+    def launch(self, out: SchedulerOutput, prev: LaunchedStep | None = None,
+               before_sampling: Callable[[], None] | None = None) -> LaunchedStep:
         """Queue the step's block copies, forward and sampling on the device without waiting for it;
-        pending input tokens come from `prev`. The sampled tokens start their copy to the host."""
+        pending input tokens come from `prev`. `before_sampling` runs once the forward is queued: under
+        overlap scheduling the engine reads `prev` back there, so the grammar masks and penalties of
+        this step see the tokens `prev` sampled, while the device runs this step's forward. The
+        sampled tokens then start their copy to the host."""
         if out.kv_ops:
             self.run_kv_ops(out.kv_ops)
-        masks = self._start_masks(out)
+        masks = self._start_masks(out) if before_sampling is None else None
         logits, sampling = self.forward_logits(out, prev)
+        if before_sampling is not None:
+            before_sampling()
+            masks = self._start_masks(out) if logits is not None else None
         if logits is None:
             return LaunchedStep(out)
         if masks is not None:

@@ -118,8 +118,7 @@ class Sampler:
         return self.sample_batch(logits, rows).tokens()
 
     def sample_batch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
-        """The step's tokens (and logprobs) as device tensors; on CUDA nothing here waits for the device
-        (penalised rows aside: their token counts use torch.unique)."""
+        """The step's tokens (and logprobs) as device tensors; on CUDA nothing here waits for the device."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         if not rows:
@@ -245,10 +244,11 @@ class Sampler:
         row_idx = meta[:, 0].long()[local]
         # frequency: once per occurrence (equal addends, so the accumulation order cannot matter)
         x.index_put_((row_idx, tok), -meta[:, 1].to(x.dtype)[local], accumulate=True)
-        # presence: once per distinct (row, token)
-        key = torch.unique(local * vocab + tok)
-        x.index_put_((meta[:, 0].long()[key // vocab], key % vocab), -meta[:, 2].to(x.dtype)[key // vocab],
-                     accumulate=True)
+        # presence: once per distinct (row, token). A dense seen-mask instead of torch.unique, whose output
+        # size is data-dependent (a read-back); an unseen token gets x + -0.0, which is x.
+        seen = torch.zeros(len(which), vocab, dtype=x.dtype, device=dev)
+        seen[local, tok] = 1.0
+        x.index_add_(0, meta[:, 0].long(), seen.mul_(-meta[:, 2:3].to(x.dtype)))
 
     # ------------------------------------------------------------------ random sampling
 
