@@ -44,3 +44,26 @@ def test_cuda_graph_decode_equals_eager(make_llm):
         assert graphed_llm.engine.runner.graphs is not None
         graphed = graphed_llm.generate(prompts[:n], params)
         assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+
+
+def test_fused_kernels_through_the_model_equal_torch(make_llm, monkeypatch):
+    """Every fused kernel (RMSNorm, add+RMSNorm, rotary + KV-cache write, SiLU-mul) and the Triton
+    attention inside whole forwards, with overlap scheduling: the torch path's greedy tokens. On CPU
+    the kernels run in the interpreter (the model dispatches to them only for CUDA tensors, so the
+    dispatch is widened here)."""
+    from loopserve.model import fused_ops
+
+    kw = dict(max_num_batched_tokens=24, enforce_eager=True)
+    ref = _run(make_llm(attention_backend="torch", **kw), staggered=False)
+    if not torch.cuda.is_available():
+        calls = []
+
+        def use_triton(x, use_triton, unsupported):
+            calls.append(unsupported is None)
+            return unsupported is None
+
+        monkeypatch.setattr(fused_ops, "_use_triton", use_triton)
+    got = _run(make_llm(attention_backend="triton", overlap_scheduling=True, **kw), staggered=False)
+    assert got == ref
+    if not torch.cuda.is_available():
+        assert calls and all(calls)  # every op took its kernel
