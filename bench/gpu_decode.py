@@ -88,7 +88,8 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     from loopserve.sampling_params import SamplingParams
 
     t_start = time.perf_counter()
-    core = _core(config_dir, cfg, device, backend, eager, 16, 8 << 30, overlap)
+    kv_bytes = 8 << 30 if device.startswith("cuda") else 256 << 20  # CPU: smoke runs only
+    core = _core(config_dir, cfg, device, backend, eager, 16, kv_bytes, overlap)
     startup = time.perf_counter() - t_start
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -27,11 +27,13 @@ from loopserve.engine.core import EngineCore, EngineRequest
 from loopserve.sampling_params import SamplingParams
 
 
-def make_core(config: Path, batch: int, overlap: bool) -> EngineCore:
+def make_core(config: Path, batch: int, overlap: bool, max_model_len: int) -> EngineCore:
     folder = Path(tempfile.mkdtemp())
     shutil.copy(config, folder / "config.json")
+    blocks_per_request = -(-max_model_len // CacheConfig.block_size)
     core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype="fp32", device="cpu",
-                                   max_model_len=4096, cache=CacheConfig(num_blocks=batch * 40 + 64),
+                                   max_model_len=max_model_len,
+                                   cache=CacheConfig(num_blocks=batch * blocks_per_request + 8),
                                    scheduler=SchedulerConfig(max_num_seqs=max(batch, 1),
                                                              max_num_batched_tokens=max(2048, batch)),
                                    overlap_scheduling=overlap))
@@ -83,7 +85,7 @@ def main(argv=None) -> None:
     for batch in args.batch:
         row = {"batch": batch}
         for mode, overlap in (("sync", False), ("overlap", True)):
-            core = make_core(args.config, batch, overlap)
+            core = make_core(args.config, batch, overlap, args.prompt_len + args.steps + 8)
             per_round = measure(core, batch, args.prompt_len, args.steps, args.rounds)
             row[f"{mode}_ms_per_step"] = statistics.median(per_round) * 1e3
             row[f"{mode}_us_per_request"] = statistics.median(per_round) * 1e6 / batch

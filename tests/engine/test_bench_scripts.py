@@ -1,0 +1,40 @@
+"""The GPU-run benchmark modules, smoke-run on CPU with the tiny model's config and dummy weights, so a
+device session never spends its minutes on a script error: JSON shape, both overlap modes, profiles."""
+from __future__ import annotations
+
+import json
+
+
+def test_host_overhead_reports_both_modes(tiny_llama, tmp_path):
+    from bench import host_overhead
+
+    out = tmp_path / "host.json"
+    host_overhead.main(["--config", str(tiny_llama / "config.json"), "--batch", "1", "4", "--prompt-len", "20",
+                        "--steps", "3", "--rounds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert all(r["sync_ms_per_step"] > 0 and r["overlap_ms_per_step"] > 0 for r in rows)
+
+
+def test_gpu_decode_engine_times_decode_with_and_without_overlap(tiny_llama, tmp_path):
+    from bench import gpu_decode
+
+    out = tmp_path / "gpu.jsonl"
+    gpu_decode.main(["engine", "--config", str(tiny_llama / "config.json"), "--device", "cpu", "--prompt-len", "16",
+                     "--output-len", "6", "--long-prompt-len", "300", "--overlap-scheduling", "--out", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["overlap"] is True and row["decode_tok_s"] > 0 and row["decode_tok_s_no_overlap"] > 0
+    assert row["ttft_long_cached_plus_256_s"] > 0 and row["prefix_hit_tokens"] > 0
+
+
+def test_gpu_profile_phases(tiny_llama, tmp_path):
+    from bench import gpu_profile
+
+    out = tmp_path / "profile.jsonl"
+    gpu_profile.main(["--config", str(tiny_llama / "config.json"), "--device", "cpu", "--long-len", "300",
+                      "--prefill-len", "16", "--batch", "2", "--top", "3", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["profile_decode_b1", "profile_cached_plus_new", "profile_mixed"]
+    for r in rows:
+        assert r["steps"] >= 1 and r["wall_ms_per_step"] > 0 and r["top_host_ops"]
+        assert r["device_busy_ms_per_step"] is None  # no kernels on a CPU run
