@@ -1,11 +1,11 @@
 """Paged attention with Triton kernels: the GPU path (the torch reference stays the CPU path and fallback).
 
-One launch per layer whatever the batch holds: a batch of pure decodes goes to the split-K decode
-kernel (long contexts use the whole GPU at batch 1), anything else (prefill chunks, prefix-cache
-extends, decodes mixed in, speculative verify passes) to the extend kernel, which handles variable
-query lengths over a cached prefix causally. Both read keys from the paged pool through the block
-table, so nothing is gathered, and neither synchronises with the host: a decode step can be captured
-in a CUDA graph (runner/cuda_graphs.py).
+A batch of pure decodes goes to the split-K decode kernel (long contexts use the whole GPU at batch
+1), prefill chunks, prefix-cache extends and speculative verify passes to the extend kernel, which
+handles variable query lengths over a cached prefix causally; in a mixed step the single-token rows
+go to the decode kernel and the rest to the extend kernel (two launches). Both read keys from the
+paged pool through the block table, so nothing is gathered, and neither synchronises with the host:
+a decode step can be captured in a CUDA graph (runner/cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from loopserve.attention.metadata import AttentionMetadata, KVCache
 from loopserve.attention.torch_ref import TorchPagedAttention
 from loopserve.model.fused_ops import rotary_qk_store_kv_
+from loopserve.runner.host_copy import to_device
 
 
 class TritonPagedAttention:
@@ -43,8 +44,29 @@ class TritonPagedAttention:
         if not meta.prefill_indices:
             # Pure decode: row i is sequence i's only new token.
             return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)
-        return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                      meta.seq_lens_t, meta.max_query_len, scale)
+        if not meta.decode_indices:
+            return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
+                                          meta.seq_lens_t, meta.max_query_len, scale)
+        # Mixed step. In the extend kernel a decode row would fill one of BLOCK_M query rows and read its
+        # context once per query head; the decode kernel reads it once per KV head for the whole GQA
+        # group. So decode rows (and 1-token chunks, the same thing causally) go there.
+        out = paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
+                                     meta.seq_lens_t, meta.max_query_len, scale, skip_single=True)
+        rows, tables, lens = self._single_token_rows(meta, query.device)
+        out.index_copy_(0, rows, paged_decode_attention(query.index_select(0, rows), cache.key, cache.value,
+                                                        tables, lens, scale))
+        return out
+
+    @staticmethod
+    def _single_token_rows(meta: AttentionMetadata, device: torch.device):
+        """Query rows, block tables and lengths of a mixed step's 1-token sequences (once a step)."""
+        got = meta.derived.get("triton_single_rows")
+        if got is None:
+            idx = to_device(meta.decode_indices, torch.long, device)
+            rows = to_device([meta.query_start_loc[i] for i in meta.decode_indices], torch.long, device)
+            got = meta.derived["triton_single_rows"] = (rows, meta.block_tables.index_select(0, idx),
+                                                        meta.seq_lens_t.index_select(0, idx))
+        return got
 
 
 def make_backend(name: str, device: torch.device):

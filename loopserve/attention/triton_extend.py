@@ -83,7 +83,8 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, qk_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                   SKIP_SINGLE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     # Reverse the tile order: the last tiles of a sequence see the most keys, and starting them first
@@ -92,6 +93,9 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, qk_scale,
 
     q_start = tl.load(QSL + b)
     n_new = tl.load(QSL + b + 1) - q_start
+    if SKIP_SINGLE:
+        if n_new == 1:
+            return  # the caller attends single-token rows with the decode kernel
     if mt * BLOCK_M >= n_new:
         return
     seq_len = tl.load(SL + b)
@@ -146,7 +150,7 @@ def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tup
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-            block_m, block_n, num_warps, num_stages):
+            block_m, block_n, num_warps, num_stages, skip_single=False):
     Hq, D = q.shape[1], q.shape[2]
     B = seq_lens.shape[0]
     Hkv = k_cache.shape[2]
@@ -159,7 +163,7 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         GROUP=Hq // Hkv, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
         BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_SINGLE=skip_single,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -172,13 +176,15 @@ def paged_extend_attention(q: torch.Tensor,
                            seq_lens: torch.Tensor,
                            max_query_len: int,
                            scale: float,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None,
+                           skip_single: bool = False) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged caches.
 
     q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding the new tokens'
     K/V; block_tables [B, max_blocks] (int32 or int64); query_start_loc [B+1] int32; seq_lens [B]
     int32 (cached prefix + new); max_query_len: host int >= every sequence's new-token count.
-    Returns out [T, Hq, D] in q's dtype (written in place when given).
+    Returns out [T, Hq, D] in q's dtype (written in place when given). skip_single: rows of sequences
+    with exactly one new token are left unwritten (the caller attends them with the decode kernel).
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -200,4 +206,4 @@ def paged_extend_attention(q: torch.Tensor,
         return out
     block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device)
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-                   block_m, block_n, num_warps, num_stages)
+                   block_m, block_n, num_warps, num_stages, skip_single)

@@ -174,3 +174,29 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     check(batch, out, torch.float16)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 1)])
+def test_mixed_step_routes_single_token_rows_to_the_decode_kernel(hq, hkv):
+    """The backend's mixed step: the extend kernel skips 1-token sequences (their rows stay as they
+    were) and the decode kernel fills them; together they equal the reference for every row."""
+    from loopserve.attention.metadata import AttentionMetadata, KVCache
+    from loopserve.attention.triton_backend import TritonPagedAttention
+
+    batch = make_batch(MIXED, hq, hkv, 32, 4, torch.float32, seed=hq + hkv)
+    qsl = batch["query_start_loc"].tolist()
+    single = [i for i in range(len(MIXED)) if MIXED[i][1] == 1]
+    sentinel = torch.full_like(batch["q"], 7.0)
+    skipped = paged_extend_attention(**batch, out=sentinel.clone(), skip_single=True)
+    single_rows = [qsl[i] for i in single]
+    assert torch.equal(skipped[single_rows], sentinel[single_rows])
+
+    meta = AttentionMetadata(query_start_loc=qsl, seq_lens=batch["seq_lens"].tolist(), slot_mapping=None,
+                             block_tables=batch["block_tables"], decode_indices=single,
+                             prefill_indices=[i for i in range(len(MIXED)) if i not in single],
+                             query_start_loc_t=batch["query_start_loc"], seq_lens_t=batch["seq_lens"],
+                             max_query_len=batch["max_query_len"])
+    cache = KVCache(batch["k_cache"], batch["v_cache"], False)
+    out = TritonPagedAttention().attend(batch["q"], None, None, cache, meta, batch["scale"])
+    check(batch, out, torch.float32)
+    assert "triton_single_rows" in meta.derived  # built once, reused by every layer of the step
