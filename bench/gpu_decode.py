@@ -24,6 +24,23 @@ from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.model import load_model_config
 
 
+def dummy_model_dir(config: Path) -> Path:
+    """A fresh folder holding only `config` as config.json: a model the engine loads with dummy weights."""
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(config, folder / "config.json")
+    return folder
+
+
+def emit(res: dict, config: Path, device: str, out: Path | None) -> None:
+    """Print one result as a JSON line (naming the config and device) and append it to `out`."""
+    res.update(config=config.name, device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
+    line = json.dumps(res)
+    print(line, flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
 def linear_shapes(cfg) -> list[tuple[int, int]]:
     """(out, in) of every matmul weight a decode step reads, lm_head included."""
     q = cfg.num_heads * cfg.head_dim
@@ -227,8 +244,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    folder = Path(tempfile.mkdtemp())
-    shutil.copy(args.config, folder / "config.json")
+    folder = dummy_model_dir(args.config)
     cfg = load_model_config(folder, "dummy")
     if args.mode == "floor":
         res = floor(cfg, args.batch)
@@ -240,13 +256,7 @@ def main(argv=None) -> None:
                          args.enforce_eager, args.overlap_scheduling)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
-    res.update(config=args.config.name,
-               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu")
-    line = json.dumps(res)
-    print(line, flush=True)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(line + "\n")
+    emit(res, args.config, args.device, args.out)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ host-side ops by self time.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.gpu_decode import dummy_model_dir, emit
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.engine.core import EngineCore, EngineRequest
 from loopserve.sampling_params import SamplingParams
@@ -70,8 +68,7 @@ def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, b
 
 
 def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int) -> list[dict]:
-    folder = Path(tempfile.mkdtemp())
-    shutil.copy(config, folder / "config.json")
+    folder = dummy_model_dir(config)
     dtype = "bf16" if device.startswith("cuda") else "fp32"
     kv_bytes = 8 << 30 if device.startswith("cuda") else 1 << 30
     sched = SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max(batch + 8, 16),
@@ -140,14 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     for res in run(args.config, args.device, args.long_len, args.prefill_len, args.batch, args.top):
-        res.update(config=args.config.name, device=name)
-        line = json.dumps(res)
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+        emit(res, args.config, args.device, args.out)
 
 
 if __name__ == "__main__":

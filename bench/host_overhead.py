@@ -14,22 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.gpu_decode import dummy_model_dir
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.engine.core import EngineCore, EngineRequest
 from loopserve.sampling_params import SamplingParams
 
 
 def make_core(config: Path, batch: int, overlap: bool, max_model_len: int) -> EngineCore:
-    folder = Path(tempfile.mkdtemp())
-    shutil.copy(config, folder / "config.json")
+    folder = dummy_model_dir(config)
     blocks_per_request = -(-max_model_len // CacheConfig.block_size)
     core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype="fp32", device="cpu",
                                    max_model_len=max_model_len,

@@ -67,5 +67,5 @@ class ForwardBatch:
     meta: AttentionMetadata
     kv_caches: list[KVCache]        # one per layer
     # .store_rotated(q, k, v, positions, cos_sin_cache, cache, meta) then .attend(q, k, v, cache, meta, scale)
-    # -> [T, Hq, D]; .forward(q, k, v, cache, meta, scale) for already-rotated q and k
+    # -> [T, Hq, D]
     backend: "object"

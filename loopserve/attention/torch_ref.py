@@ -38,9 +38,8 @@ def _attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     returns the output [B, 1, R, D] and each row's log-sum-exp of scores [B, 1, R], which lets partial
     results over disjoint key sets merge exactly. The CPU flash kernel behind F.scaled_dot_product_attention
     computes the log-sum-exp anyway, but only its aten op returns it (torch is pinned on CPU)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                          scale=scale)
-    return out, lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                       scale=scale)
 
 
 def _workspace(meta: AttentionMetadata, pool: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

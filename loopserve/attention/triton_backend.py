@@ -21,14 +21,6 @@ class TritonPagedAttention:
     name = "triton"
     needs_device_layout = True  # the runner fills AttentionMetadata's *_t fields
 
-    write_kv = staticmethod(TorchPagedAttention.write_kv)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """query [T, Hq, D], key/value [T, Hkv, D] for the new tokens; returns [T, Hq, D]."""
-        self.write_kv(cache, key, value, meta.slot_mapping)
-        return self.attend(query, key, value, cache, meta, scale)
-
     @staticmethod
     def store_rotated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                       cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ class LaunchedStep:
     out: SchedulerOutput
     sampling: list[ScheduledSeq] = field(default_factory=list)
     batch: SampledBatch | None = None
-    token_rows: dict[str, int] = field(default_factory=dict)
+
+    @functools.cached_property
+    def token_rows(self) -> dict[str, int]:
+        """Request id -> its row of batch.token_ids; only the next step's pending inputs look it up."""
+        return {s.request.request_id: i for i, s in enumerate(self.sampling)}
 
     def result(self) -> RunnerOutput:
         if self.batch is None:
@@ -251,4 +256,4 @@ class ModelRunner:
                             s.request.generator) for s in sampling]
         batch = self.sampler.sample_batch(logits, rows)
         batch.start_copy()
-        return LaunchedStep(out, sampling, batch, {s.request.request_id: i for i, s in enumerate(sampling)})
+        return LaunchedStep(out, sampling, batch)
