@@ -17,7 +17,8 @@ B135=bench/configs/smollm2-135m.json
 g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
 echo "== GPU tests"
-timeout 150 python -m pytest -q -p no:cacheprovider --device cuda tests/model/test_fused_ops.py tests/attention \
+# xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
+timeout 150 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
   tests/engine/test_engine.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \

@@ -203,7 +203,8 @@ class Sampler:
                     tok_idx.append(t)
         if row_idx:
             idx = to_device([row_idx, tok_idx], torch.long, x.device)
-            x[idx[0], idx[1]] = float("-inf")
+            # A device-side value: `x[i, j] = float` copies a host scalar, a synchronising transfer.
+            x.index_put_((idx[0], idx[1]), x.new_full((), float("-inf")))
 
     @staticmethod
     def _token_index(rows: list[SamplingRow], which: list[int], with_prompt: bool,
@@ -247,7 +248,7 @@ class Sampler:
         # presence: once per distinct (row, token). A dense seen-mask instead of torch.unique, whose output
         # size is data-dependent (a read-back); an unseen token gets x + -0.0, which is x.
         seen = torch.zeros(len(which), vocab, dtype=x.dtype, device=dev)
-        seen[local, tok] = 1.0
+        seen.index_put_((local, tok), seen.new_ones(()))  # not `= 1.0`: that copies a host scalar
         x.index_add_(0, meta[:, 0].long(), seen.mul_(-meta[:, 2:3].to(x.dtype)))
 
     # ------------------------------------------------------------------ random sampling
