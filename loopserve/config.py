@@ -235,7 +235,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None  # `SpeculativeConfig.from_dict(json)` for a CLI flag
     attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
-    # Decode steps replay CUDA graphs captured for DEFAULT_CUDA_GRAPH_BATCH_SIZES (up to max_num_seqs);
+    # Decode steps replay CUDA graphs captured for DEFAULT_CUDA_GRAPH_BATCH_SIZES (up to max_num_seqs),
+    # steps of up to DEFAULT_PREFILL_GRAPH_MAX_SEQS sequences and DEFAULT_PREFILL_GRAPH_TOKENS[-1] tokens
+    # (prefills, extends, mixed) replay prefill graphs;
     # True runs every step eagerly (as vLLM's --enforce-eager).
     enforce_eager: bool = False
     # Overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
@@ -247,6 +249,13 @@ class EngineConfig:
 # Batch sizes captured as CUDA graphs for decode steps; a batch runs in the smallest graph that fits it
 # (padding rows write to a scratch KV block). Larger batches run eagerly.
 DEFAULT_CUDA_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+# Token counts captured as CUDA graphs for steps with new prompt tokens (a step runs in the smallest
+# graph with at least its tokens; padding is under half the step). An eager forward of a
+# short prefill costs ~25 ms of host launches on an 8B model; past 2,048 tokens the device time
+# (~30 ms and up) hides the launches, so larger steps run eagerly.
+DEFAULT_PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+# Sequence slots of a prefill graph: an agent turn's extend, with a few other sessions' decodes beside it.
+DEFAULT_PREFILL_GRAPH_MAX_SEQS = 8
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

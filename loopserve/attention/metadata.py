@@ -53,6 +53,10 @@ class AttentionMetadata:
     query_start_loc_t: torch.Tensor | None = None  # [B+1] int32
     seq_lens_t: torch.Tensor | None = None         # [B] int32
     max_query_len: int = 0
+    # A captured prefill graph's layout (runner/cuda_graphs.py): the batch is padded to fixed sizes and
+    # the host lists describe the capture, not the replayed step, so the backend may not route on them.
+    # Every row goes through the extend kernel, whose grid covers max_query_len (the graph's token count).
+    static_layout: bool = False
     # Tensors a backend derives from the fields above on the first layer and reuses on the others.
     derived: dict = field(default_factory=dict)
 

@@ -33,30 +33,41 @@ class TritonPagedAttention:
         from loopserve.attention.triton_decode import paged_decode_attention
         from loopserve.attention.triton_extend import paged_extend_attention
 
-        if not meta.prefill_indices:
+        live = None
+        if meta.static_layout:
+            # A captured prefill graph: its grid covers max_query_len in every sequence slot, but the steps
+            # it serves are mostly one sequence, whose tiles pick the kernel's tile shape.
+            live = query.shape[1] * -(-meta.max_query_len // 64)
+        elif not meta.prefill_indices:
             # Pure decode: row i is sequence i's only new token.
             return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)
         if not meta.decode_indices:
             return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                          meta.seq_lens_t, meta.max_query_len, scale)
+                                          meta.seq_lens_t, meta.max_query_len, scale, live_programs=live)
         # Mixed step. In the extend kernel a decode row would fill one of BLOCK_M query rows and read its
         # context once per query head; the decode kernel reads it once per KV head for the whole GQA
         # group. So decode rows (and 1-token chunks, the same thing causally) go there.
-        out = paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                     meta.seq_lens_t, meta.max_query_len, scale, skip_single=True)
-        rows, tables, lens = self._single_token_rows(meta, query.device)
-        out.index_copy_(0, rows, paged_decode_attention(query.index_select(0, rows), cache.key, cache.value,
-                                                        tables, lens, scale))
-        return out
+        t = query.shape[0]
+        # A graph's decode launch covers every sequence slot; the slots without a 1-token row write to a
+        # spare row past the step's rows (runner/cuda_graphs.py).
+        out = query.new_empty((t + 1 if meta.static_layout else t,) + query.shape[1:])
+        paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
+                               meta.seq_lens_t, meta.max_query_len, scale, out=out[:t], skip_single=True,
+                               live_programs=live)
+        q_rows, out_rows, tables, lens = self._single_token_rows(meta, query.device)
+        out.index_copy_(0, out_rows, paged_decode_attention(query.index_select(0, q_rows), cache.key, cache.value,
+                                                            tables, lens, scale))
+        return out[:t]
 
     @staticmethod
     def _single_token_rows(meta: AttentionMetadata, device: torch.device):
-        """Query rows, block tables and lengths of a mixed step's 1-token sequences (once a step)."""
+        """Query rows, output rows, block tables and lengths of a mixed step's 1-token sequences (once a
+        step). A captured graph puts its static buffers in `meta.derived` before capture."""
         got = meta.derived.get("triton_single_rows")
         if got is None:
             idx = to_device(meta.decode_indices, torch.long, device)
             rows = to_device([meta.query_start_loc[i] for i in meta.decode_indices], torch.long, device)
-            got = meta.derived["triton_single_rows"] = (rows, meta.block_tables.index_select(0, idx),
+            got = meta.derived["triton_single_rows"] = (rows, rows, meta.block_tables.index_select(0, idx),
                                                         meta.seq_lens_t.index_select(0, idx))
         return got
 

@@ -48,7 +48,9 @@ _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+# Eager mixed steps pass tables and workspaces whose widths vary step to step: those strides (and the
+# merge's split count) stay unspecialised, so a new width never compiles a kernel mid-serving.
+@triton.jit(do_not_specialize=["stride_btb", "stride_ab", "stride_ah", "stride_sb", "stride_sh"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, stat_ptr,
     qk_scale,
@@ -122,7 +124,7 @@ def _decode_split_kernel(
     tl.store(s_ptrs + stride_sk, l_i, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_ab", "stride_ah", "stride_sb", "stride_sh"])
 def _decode_merge_kernel(
     acc_ptr, stat_ptr, out_ptr, num_splits,
     stride_ab, stride_ah, stride_as, stride_ad,

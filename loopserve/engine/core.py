@@ -12,6 +12,8 @@ from loopserve.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     DEFAULT_CUDA_GRAPH_BATCH_SIZES,
     DEFAULT_GPU_HOST_KV_CACHE_BYTES,
+    DEFAULT_PREFILL_GRAPH_MAX_SEQS,
+    DEFAULT_PREFILL_GRAPH_TOKENS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
@@ -140,7 +142,9 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
                                   self.device, self.dtype, self.sampler, attention_backend=config.attention_backend,
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len,
-                                  num_host_blocks=num_host_blocks)
+                                  num_host_blocks=num_host_blocks,
+                                  prefill_graph_tokens=[] if config.enforce_eager else list(DEFAULT_PREFILL_GRAPH_TOKENS),
+                                  prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs))
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None

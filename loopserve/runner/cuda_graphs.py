@@ -1,4 +1,5 @@
-"""CUDA graphs for pure-decode steps: one graph per batch size of a ladder, replayed with padding.
+"""CUDA graphs: DecodeGraphs for pure-decode steps (one graph per batch size of a ladder, replayed
+with padding) and PrefillGraphs for prefill / extend / mixed steps of a few sequences.
 
 A decode step launches a few hundred small kernels; at batch 1 on a GPU their launch cost, not the
 weight reads, would set the step time. Each graph holds the whole forward plus the logits for a
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.runner.host_copy import to_device
 
 
 class DecodeGraphs:
@@ -86,3 +88,130 @@ class DecodeGraphs:
         graph, logits = self.graphs[b]
         graph.replay()
         return logits[:n]
+
+
+class PrefillGraphs:
+    """CUDA graphs for prefill, prefix-cache extend and mixed steps of a few sequences: one graph per
+    token count of a ladder, each in two variants (with and without 1-token rows), replayed padded.
+
+    An eager forward of such a step costs ~25 ms of host time on an 8B model (four GEMMs and five
+    Triton launches per layer, ~40-80 us each) against ~5 ms of device time for a 128-token prompt:
+    the host, not the GPU, set the time to first token. Replaying a graph costs the input copies.
+
+    Layout of a graph for T tokens and S sequence slots (all static buffers):
+      * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot and
+        their attention rows are never written, so they carry garbage that no real row reads;
+      * slots 0..B-1 are the step's sequences, B..S-1 empty (query_start_loc stays at n: no new tokens,
+        the extend kernel exits before reading their tables);
+      * with 1-token rows, the extend kernel skips those sequences and the decode kernel attends all S
+        slots: a 1-token sequence over its real length into its row, every other slot over one key of
+        its first block (seq len 1) into a spare attention-output row T, past the forward's rows;
+      * logits rows 0..L-1 select the sampled rows, the rest select row 0 (discarded).
+    Triton's kernels read all lengths on the device, so a replay sees the step's real sizes.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], backend, token_sizes: list[int],
+                 max_seqs: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.sizes = sorted(set(token_sizes))
+        self.max_tokens = self.sizes[-1]
+        self.max_seqs = max_seqs
+        self.scratch_slot = scratch_block * kv_caches[0].block_size
+        t, s = self.max_tokens, max_seqs
+        self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(t, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((t,), self.scratch_slot, dtype=torch.long, device=device)
+        self.block_tables = torch.full((s, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
+        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(s, dtype=torch.int32, device=device)
+        self.logits_rows = torch.zeros(s, dtype=torch.long, device=device)
+        self.single_rows = torch.zeros(s, dtype=torch.long, device=device)      # attention-output rows
+        self.single_q_rows = torch.zeros(s, dtype=torch.long, device=device)    # their query rows
+        self.single_lens = torch.ones(s, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _batch(self, t: int, with_single: bool) -> ForwardBatch:
+        s = self.max_seqs
+        meta = AttentionMetadata(query_start_loc=[0] * (s + 1), seq_lens=[1] * s,
+                                 slot_mapping=self.slot_mapping[:t], block_tables=self.block_tables,
+                                 decode_indices=list(range(s)) if with_single else [],
+                                 prefill_indices=list(range(s)),
+                                 query_start_loc_t=self.query_start_loc, seq_lens_t=self.seq_lens,
+                                 max_query_len=t, static_layout=True)
+        if with_single:
+            meta.derived["triton_single_rows"] = (self.single_q_rows, self.single_rows, self.block_tables,
+                                                  self.single_lens)
+        return ForwardBatch(meta, self.kv_caches, self.backend)
+
+    def forward(self, t: int, with_single: bool) -> torch.Tensor:
+        """The static forward for T = t: fp32 logits [max_seqs, vocab] of the rows in logits_rows."""
+        hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single))
+        return self.model.compute_logits(hidden.index_select(0, self.logits_rows))
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every (size, variant), largest first, in one memory pool; returns the pool."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for t in reversed(self.sizes):
+                for with_single in (True, False):
+                    for _ in range(2):  # compile / autotune outside the capture
+                        self.forward(t, with_single)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        logits = self.forward(t, with_single)
+                    pool = graph.pool()
+                    self.graphs[(t, with_single)] = (graph, logits)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return pool
+
+    def fits(self, num_tokens: int, num_seqs: int, num_logits: int, max_blocks: int) -> bool:
+        return (num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and num_logits <= self.max_seqs
+                and max_blocks <= self.block_tables.shape[1])
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            logits_rows: torch.Tensor) -> torch.Tensor:
+        """The step (device tensors from the runner's packed copy) through the smallest graph that fits;
+        returns fp32 logits [len(logits_rows), vocab]. Without captured graphs (CPU tests), the same
+        static forward runs eagerly."""
+        n, b, num_logits = input_ids.shape[0], meta.num_seqs, logits_rows.shape[0]
+        t = next(size for size in self.sizes if size >= n)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:t].fill_(self.scratch_slot)
+        self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.query_start_loc[:b + 1].copy_(meta.query_start_loc_t)
+        self.query_start_loc[b + 1:].fill_(n)
+        self.seq_lens[:b].copy_(meta.seq_lens_t)
+        self.logits_rows[:num_logits].copy_(logits_rows)
+        self.logits_rows[num_logits:].fill_(0)
+        with_single = bool(meta.decode_indices)
+        if with_single:
+            self._route_single(meta, t)
+        graph = self.graphs.get((t, with_single))
+        if graph is None:
+            logits = self.forward(t, with_single)
+        else:
+            graph[0].replay()
+            logits = graph[1]
+        return logits[:num_logits]
+
+    def _route_single(self, meta: AttentionMetadata, t: int) -> None:
+        """single_rows / single_lens for this step: 1-token sequences attend over their real length into
+        their row, every other slot over one key (of query row 0) into the spare row t."""
+        q_rows = [0] * self.max_seqs
+        rows = [t] * self.max_seqs
+        lens = [1] * self.max_seqs
+        for i in meta.decode_indices:
+            q_rows[i] = rows[i] = meta.query_start_loc[i]
+            lens[i] = meta.seq_lens[i]
+        routing = to_device([q_rows, rows, lens], torch.long, self.single_rows.device)
+        self.single_q_rows.copy_(routing[0])
+        self.single_rows.copy_(routing[1])
+        self.single_lens.copy_(routing[2])

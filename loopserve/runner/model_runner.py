@@ -68,7 +68,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, prefill_graph_tokens: list[int] | None = None,
+                 prefill_graph_max_seqs: int = 0) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
@@ -92,12 +93,18 @@ class ModelRunner:
                          torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
                         for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
+        self.prefill_graphs = None
         if use_graphs:
-            from loopserve.runner.cuda_graphs import DecodeGraphs
+            from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
                                        scratch_block=num_blocks, device=device)
             self.graphs.capture()
+            if prefill_graph_tokens and prefill_graph_max_seqs:
+                self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.backend, prefill_graph_tokens,
+                                                    prefill_graph_max_seqs, max_blocks, scratch_block=num_blocks,
+                                                    device=device)
+                self.prefill_graphs.capture()
 
     def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -175,6 +182,10 @@ class ModelRunner:
             # Pure decode, every sequence sampled: rows are the logits rows, in order.
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
                                    meta.seq_lens_t), sampling
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(
+                input_ids.shape[0], len(out.seqs), logits_rows.shape[0], meta.block_tables.shape[1]):
+            logits = self.prefill_graphs.run(input_ids, positions, meta, logits_rows)
+            return (logits, sampling) if sampling else (None, [])
         with _sdpa_without_cudnn(self.device):
             hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
         if not sampling:

@@ -110,6 +110,35 @@ def test_tile_sizes(block_m, block_n, block_size):
     check(batch, out, torch.float32)
 
 
+@pytest.mark.parametrize("num_splits", [3, 8])
+def test_key_range_splits(num_splits):
+    """Each tile's keys shared among programs, then merged: some splits of short sequences see no key
+    (or no key visible to some of their rows) and must weigh nothing in the merge."""
+    batch = make_batch(MIXED + [(200, 4)], 8, 2, 16, 4, torch.float32, seed=num_splits)
+    check(batch, paged_extend_attention(**batch, num_splits=num_splits), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_skip_single_leaves_single_token_rows_alone(num_splits):
+    batch = make_batch(MIXED, 4, 2, 16, 4, torch.float32, seed=21)
+    out = torch.full_like(batch["q"], 5.0)
+    paged_extend_attention(**batch, out=out, skip_single=True, num_splits=num_splits)
+    qsl = batch["query_start_loc"].tolist()
+    single = [qsl[b] for b, (_, n) in enumerate(MIXED) if n == 1]
+    multi = [r for r in range(out.shape[0]) if r not in single]
+    if num_splits == 1:
+        assert (out[single] == 5.0).all()  # split, the merge writes them (the caller overwrites them)
+    torch.testing.assert_close(out[multi], reference(**batch)[multi], atol=ATOL[torch.float32], rtol=0)
+
+
+def test_split_choice():
+    from loopserve.attention.triton_extend import MAX_EXTEND_SPLITS, choose_extend_splits
+    assert choose_extend_splits(4096, 132) == 1 and choose_extend_splits(264, 132) == 1
+    assert choose_extend_splits(192, 132) == 3                  # 384 new tokens: 1.5 waves unsplit
+    assert choose_extend_splits(128, 132) == 5                  # 256 new tokens x 32 heads: ~4 per SM
+    assert choose_extend_splits(1, 132) == MAX_EXTEND_SPLITS
+
+
 def test_out_strided_q_int32_tables_and_loose_max_query_len():
     hq, d = 4, 16
     batch = make_batch([(0, 21), (40, 9), (11, 1)], hq, 2, d, 16, torch.float32, seed=7,
@@ -148,6 +177,14 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def test_large_bf16_gpu():
     batch = make_batch([(8192, 256), (0, 1024)], 32, 8, 128, 16, torch.bfloat16, seed=3)
     check(batch, paged_extend_attention(**batch), torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_cached_prefix_plus_256_bf16_gpu(num_splits):
+    # The cached-prefix TTFT shape: 128 programs, so the default splits the 8k keys (wide key tiles).
+    batch = make_batch([(8192, 256)], 32, 8, 128, 16, torch.bfloat16, seed=4)
+    check(batch, paged_extend_attention(**batch, num_splits=num_splits), torch.bfloat16)
 
 
 @cuda_only

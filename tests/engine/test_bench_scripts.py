@@ -38,3 +38,15 @@ def test_gpu_profile_phases(tiny_llama, tmp_path):
     for r in rows:
         assert r["steps"] >= 1 and r["wall_ms_per_step"] > 0 and r["top_host_ops"]
         assert r["device_busy_ms_per_step"] is None  # no kernels on a CPU run
+
+
+def test_gpu_diag_host_profiles_and_launch_costs(tiny_llama, tmp_path):
+    from bench import gpu_diag
+
+    out = tmp_path / "diag.jsonl"
+    gpu_diag.main(["--config", str(tiny_llama / "config.json"), "--device", "cpu", "--skip-extend", "--iters", "2",
+                   "--top", "5", "--out", str(out)])
+    rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"diag_launch_cost_us", "diag_host_ttft", "diag_host_ttft_new_shape"}
+    assert rows["diag_launch_cost_us"]["torch_add"] > 0
+    assert rows["diag_host_ttft"]["ttft_ms"] > 0 and len(rows["diag_host_ttft"]["top"]) == 5
