@@ -19,18 +19,24 @@ g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail 
 echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
 timeout 150 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
-  tests/engine/test_engine.py \
+  tests/engine/test_engine.py tests/model/test_gemv.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
 g 100 engine --config $B8
+g 60 engine --config $B8 --fused-decode-gemv --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 8B profile: batch-1 decode, 8k cached + 256, mixed decode + prefill steps"
 timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
+echo "== decode profiles: 8B with the fused GEMVs, 135M"
+timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv --long-len 1024 --out "$out" 2>&1 \
+  | tail -1 | cut -c1-300
+timeout 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
 echo "== 135M"
 g 60 engine --config $B135
+g 40 engine --config $B135 --fused-decode-gemv --long-prompt-len 0
 g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like)"
 g 70 throughput --config $B8 --workload sharegpt --seconds 20
@@ -50,10 +56,11 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["mode"].startswith("profile_"):
         top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
-        print(r["config"], r["mode"], f'wall={r["wall_ms_per_step"]:.3f} ms/step',
+        print(r["config"], r["mode"], "fused_gemv" if r.get("fused_decode_gemv") else "",
+              f'wall={r["wall_ms_per_step"]:.3f} ms/step',
               f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top)
         continue
-    keys = [k for k in ("backend", "cuda_graphs", "overlap", "batch", "ms_per_step", "decode_tok_s",
+    keys = [k for k in ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "batch", "ms_per_step", "decode_tok_s",
                         "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
                         "ttft_long_cached_plus_256_s", "startup_s") if r.get(k) is not None]

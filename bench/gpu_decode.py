@@ -88,7 +88,7 @@ def floor(cfg, batch: int) -> dict:
 
 
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
-          kv_cache_bytes: int | None, overlap: bool | None = None):
+          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: bool = False):
     from loopserve.engine.core import EngineCore
 
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
@@ -96,17 +96,18 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
                                    cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
                                                              long_prefill_token_threshold=8192),
-                                   attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap))
+                                   attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap,
+                                   fused_decode_gemv=fused_gemv))
 
 
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
-           eager: bool, overlap: bool | None = None) -> dict:
+           eager: bool, overlap: bool | None = None, fused_gemv: bool = False) -> dict:
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
     t_start = time.perf_counter()
     kv_bytes = 8 << 30 if device.startswith("cuda") else 256 << 20  # CPU: smoke runs only
-    core = _core(config_dir, cfg, device, backend, eager, 16, kv_bytes, overlap)
+    core = _core(config_dir, cfg, device, backend, eager, 16, kv_bytes, overlap, fused_gemv)
     startup = time.perf_counter() - t_start
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -142,19 +143,22 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
         sync_tok_s.append(run(f"b1_sync{i}", prompt(prompt_len), out_len)[1])
         core.overlap = True
         overlap_tok_s.append(run(f"b1_overlap{i}", prompt(prompt_len), out_len)[1])
-    long_len = min(long_len, core.max_model_len - 257)
-    # The long shapes once, so the timed runs are steady-state: a cold prompt, then 256 new tokens over
-    # that prompt as a cached prefix (a fresh random prompt would be one more cold prefill).
-    warm_prompt = prompt(long_len)
-    run("warm_long", warm_prompt, 1)
-    run("warm_long_cached", warm_prompt + prompt(256), 1)
-    long_prompt = prompt(long_len)
-    cold_ttft, _ = run("cold8k", long_prompt, 1)
-    cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)
+    cold_ttft = cached_ttft = None
+    if long_len > 0:  # 0: batch-1 decode only
+        long_len = min(long_len, core.max_model_len - 257)
+        # The long shapes once, so the timed runs are steady-state: a cold prompt, then 256 new tokens over
+        # that prompt as a cached prefix (a fresh random prompt would be one more cold prefill).
+        warm_prompt = prompt(long_len)
+        run("warm_long", warm_prompt, 1)
+        run("warm_long_cached", warm_prompt + prompt(256), 1)
+        long_prompt = prompt(long_len)
+        cold_ttft, _ = run("cold8k", long_prompt, 1)
+        cached_ttft, _ = run("cached8k", long_prompt + prompt(256), 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
     tok_s = statistics.median(overlap_tok_s)
     return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
-            "overlap": overlap, "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
+            "overlap": overlap, "fused_decode_gemv": fused_gemv,
+            "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
             "ttft_first_shape_s": first_ttft,
             "achieved_gb_s": weight_bytes / 1e9 * tok_s, "long_prompt_len": long_len, "ttft_long_cold_s": cold_ttft,
@@ -239,11 +243,12 @@ def main(argv=None) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
                     help="default: the engine's (on for CUDA); engine mode also times batch-1 decode without it")
+    ap.add_argument("--fused-decode-gemv", action="store_true", help="engine mode: EngineConfig.fused_decode_gemv")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--long-prompt-len", type=int, default=8192)
+    ap.add_argument("--long-prompt-len", type=int, default=8192, help="engine mode: 0 skips the long-prompt TTFTs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -253,7 +258,7 @@ def main(argv=None) -> None:
         res = floor(cfg, args.batch)
     elif args.mode == "engine":
         res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
-                     args.attention_backend, args.enforce_eager, args.overlap_scheduling)
+                     args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
                          args.enforce_eager, args.overlap_scheduling)

@@ -70,7 +70,8 @@ def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, b
     return _summary(prof, phase, wall, max(done, 1), top)
 
 
-def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int) -> list[dict]:
+def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int,
+        decode_only: bool = False, fused_gemv: bool = False) -> list[dict]:
     folder = dummy_model_dir(config)
     dtype = "bf16" if device.startswith("cuda") else "fp32"
     kv_bytes = 8 << 30 if device.startswith("cuda") else 1 << 30
@@ -78,7 +79,7 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
                             long_prefill_token_threshold=8192)
     core = EngineCore(EngineConfig(model=str(folder), load_format="dummy", dtype=dtype, device=device,
                                    max_model_len=long_len + 512, cache=CacheConfig(kv_cache_bytes=kv_bytes),
-                                   scheduler=sched))
+                                   scheduler=sched, fused_decode_gemv=fused_gemv))
     vocab = core.model_config.vocab_size
     rng = random.Random(0)
 
@@ -101,6 +102,8 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
         core.step()
     results.append(_profiled(core, device, "decode_b1", 32, top))
     drain()
+    if decode_only:
+        return results
     # cached prefix + 256 new tokens
     long_prompt = prompt(long_len)
     warm_prompt = prompt(long_len)
@@ -139,9 +142,13 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--decode-only", action="store_true", help="only the batch-1 decode phase")
+    ap.add_argument("--fused-decode-gemv", action="store_true", help="EngineConfig.fused_decode_gemv")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    for res in run(args.config, args.device, args.long_len, args.prefill_len, args.batch, args.top):
+    for res in run(args.config, args.device, args.long_len, args.prefill_len, args.batch, args.top,
+                   args.decode_only, args.fused_decode_gemv):
+        res["fused_decode_gemv"] = args.fused_decode_gemv
         emit(res, args.config, args.device, args.out)
 
 

@@ -244,6 +244,10 @@ class EngineConfig:
     # None: on for CUDA devices (off on CPU, whose forward does not run asynchronously); always off
     # with speculative decoding.
     overlap_scheduling: bool | None = None
+    # Forwards of up to MAX_GEMV_ROWS tokens (batch 1-4 decode) run each layer as five Triton GEMVs with
+    # the RMSNorms, the SiLU-mul and the residual adds fused in (model/gemv.py), instead of cuBLAS
+    # plus five small kernels. Needs Triton; on CPU it runs in the interpreter (tests only).
+    fused_decode_gemv: bool = False
 
 
 # Batch sizes captured as CUDA graphs for decode steps; a batch runs in the smallest graph that fits it

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -137,6 +138,13 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
+        if config.fused_decode_gemv:
+            from loopserve.model.gemv import HAS_TRITON, MAX_GEMV_ROWS
+            if not HAS_TRITON:
+                raise ValueError("fused_decode_gemv needs triton, which is not installed")
+            if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("fused_decode_gemv needs a CUDA device (or Triton's interpreter, for tests)")
+            self.model.fused_gemv_rows = MAX_GEMV_ROWS  # before the runner captures its graphs
         graph_sizes = [] if config.enforce_eager else [
             b for b in DEFAULT_CUDA_GRAPH_BATCH_SIZES if b < sched_cfg.max_num_seqs] + [sched_cfg.max_num_seqs]
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,

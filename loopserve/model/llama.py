@@ -17,6 +17,7 @@ from torch import nn
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
 from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
+from loopserve.model.gemv import fused_gemv
 
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
@@ -125,8 +126,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
                 batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend_qkv(self.qkv_proj(x), positions, rotary, batch))
+
+    def attend_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
+                   batch: ForwardBatch) -> torch.Tensor:
+        """Projected qkv [T, q + 2 kv] -> attention output [T, q_size], before o_proj."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -137,7 +143,7 @@ class Attention(nn.Module):
         # Rotary in place (q and k are this step's own tensors), then k and v into the cache: one kernel on GPU.
         batch.backend.store_rotated(q, k, v, positions, rotary.cos_sin_cache, cache, batch.meta)
         o = batch.backend.attend(q, k, v, cache, batch.meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return o.reshape(t, self.q_size)
 
 
 class MLP(nn.Module):
@@ -170,6 +176,18 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
+                      batch: ForwardBatch) -> torch.Tensor:
+        """The same layer for a few rows, on the hidden state itself (residual stream materialised):
+        five GEMV kernels with the norms, the SiLU-mul and the residual adds inside them (model/gemv.py)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
+        qkv = fused_gemv(hs, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm_in.weight, eps=norm_in.eps)
+        o = attn.attend_qkv(qkv, positions, rotary, batch)
+        hs = fused_gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=hs)
+        gate_up = fused_gemv(hs, mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps)
+        return fused_gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=hs)
+
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype | None) -> None:
@@ -195,10 +213,17 @@ class CausalLM(nn.Module):
                                       config.rope_theta, config.rope_scaling)
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype))
+        # Forwards of at most this many tokens take the fused small-batch GEMV layers (0: never); the
+        # engine sets it from EngineConfig.fused_decode_gemv.
+        self.fused_gemv_rows = 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """input_ids, positions: [T]; returns final-normed hidden states [T, hidden]."""
         h = self.model.embed_tokens(input_ids)
+        if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
+            for layer in self.model.layers:
+                h = layer.forward_fused(h, positions, self.rotary, batch)
+            return self.model.norm(h)
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, positions, self.rotary, batch)

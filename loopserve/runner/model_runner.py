@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,7 +107,11 @@ class ModelRunner:
                 self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.backend, prefill_graph_tokens,
                                                     prefill_graph_max_seqs, max_blocks, scratch_block=num_blocks,
                                                     device=device)
-                self.prefill_graphs.capture()
+                try:
+                    self.prefill_graphs.capture()
+                except RuntimeError as e:  # the decode graphs stand; prefill steps run eagerly
+                    log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
+                    self.prefill_graphs = None
 
     def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:

@@ -27,6 +27,16 @@ def test_gpu_decode_engine_times_decode_with_and_without_overlap(tiny_llama, tmp
     assert row["ttft_long_cached_plus_256_s"] > 0 and row["prefix_hit_tokens"] > 0
 
 
+def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
+    from bench import gpu_decode
+
+    out = tmp_path / "gpu.jsonl"
+    gpu_decode.main(["engine", "--config", str(tiny_llama / "config.json"), "--device", "cpu", "--prompt-len", "8",
+                     "--output-len", "4", "--long-prompt-len", "0", "--fused-decode-gemv", "--out", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["fused_decode_gemv"] is True and row["decode_tok_s"] > 0 and row["ttft_long_cold_s"] is None
+
+
 def test_gpu_profile_phases(tiny_llama, tmp_path):
     from bench import gpu_profile
 

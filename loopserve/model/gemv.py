@@ -1,0 +1,143 @@
+"""Small-batch GEMV with the decode step's elementwise work fused into it.
+
+At batch 1-4 a decode step is a chain of weight reads (each linear layer a GEMV) with small kernels
+in between: RMSNorm before qkv_proj and gate_up_proj, SiLU-mul before down_proj, residual adds after
+o_proj and down_proj. In a CUDA graph each of those costs ~2-3 us of launch and ramp, about 0.45 ms
+of an 8B step and a third of a 135M step. Here one kernel does
+
+    y = round(round(prologue(x) @ W^T + bias) + residual)
+
+with the prologue RMSNorm (each program recomputes the row's sum of squares: K values from L2) or
+SiLU(gate) * up, rounded at the same points as the separate ops (fused_ops), so the fused path gives
+the same values as the unfused one up to the GEMV's summation order.
+
+Grid: one program per BLOCK_N output features, every batch row at once, so the weight tile is read
+once for the whole batch. Memory-bound by design: BLOCK_M is at most 4 rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loopserve.model.fused_ops import HAS_TRITON, rms_norm_torch, silu_and_mul_torch, tl, triton
+
+# Rows (tokens) the fused path takes; larger batches use cuBLAS and the separate kernels.
+MAX_GEMV_ROWS = 4
+
+
+def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the separate ops the kernel fuses, in the model's order and precision."""
+    if norm_weight is not None:
+        x = rms_norm_torch(x, norm_weight, eps)
+    if silu_mul:
+        x = silu_and_mul_torch(x)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(X, W, BIAS, RES, NW, Y, M, N, K, eps,
+                     stride_xm, stride_wn, stride_rm, stride_ym,
+                     NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+        w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+        act = Y.dtype.element_ty
+        if NORM:
+            ss = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                xv = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xv * xv, 1)
+            inv_rms = 1.0 / tl.sqrt(ss / K + eps)
+        # Products accumulate per K lane and are reduced once at the end: a reduction across threads in
+        # every iteration would cost more than the loads it waits on.
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            if SILU:
+                # x holds [gate | up], 2K wide.
+                g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
+            else:
+                xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                if NORM:
+                    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+                    xv = (xv * inv_rms[:, None]).to(act).to(tl.float32)
+                    xv = (xv * nw[None, :]).to(act).to(tl.float32)
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc3 += xv[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc3, axis=2)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(act)
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_RES:
+            r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(act)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y, mask=mask)
+
+
+def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs (None if it can)."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if x.dim() != 2 or x.shape[0] > MAX_GEMV_ROWS:
+        return f"x must be [<= {MAX_GEMV_ROWS}, K], got {tuple(x.shape)}"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        return f"dtypes {x.dtype} / {weight.dtype}"
+    if weight.dim() != 2 or weight.stride(1) != 1 or x.stride(1) != 1:
+        return "weight and x need contiguous rows"
+    return None
+
+
+def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if device.type != "cuda":
+        return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
+    # The [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator lives in registers: 64 values per thread at 4 warps
+    # (BLOCK_M is 2 for one row: no size-1 aranges).
+    block_k = 256 if m <= 2 else 128
+    return 16, min(block_k, triton.next_power_of_2(k)), 4, 4
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= 4, K] (or [M, 2K] with silu_mul), weight [N, K] (nn.Linear's) -> [M, N] in x's dtype.
+    norm_weight: RMSNorm x first (eps); silu_mul: x is [gate | up], use silu(gate) * up; residual
+    [M, N]: added to the rounded product. Not both norm and silu."""
+    assert not (norm_weight is not None and silu_mul), "one prologue at most"
+    problem = gemv_problem(x, weight)
+    if problem is not None:
+        raise ValueError(f"fused_gemv cannot take these inputs: {problem}")
+    m = x.shape[0]
+    n, k = weight.shape
+    assert x.shape[1] == (2 * k if silu_mul else k), f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}"
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1
+    block_n, block_k, num_warps, num_stages = _config(m, n, k, x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, residual if residual is not None else y,
+        norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        NORM=norm_weight is not None, SILU=silu_mul, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return y

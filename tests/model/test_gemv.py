@@ -1,0 +1,90 @@
+"""The fused small-batch GEMV (model/gemv.py) against the separate ops it replaces, and through whole
+decode forwards. Without CUDA the kernel runs in Triton's interpreter on CPU tensors."""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
+
+from loopserve.model.gemv import MAX_GEMV_ROWS, fused_gemv, gemv_torch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _inputs(m, n, k, dtype, silu, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k if silu else k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype), gen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["plain", "norm", "silu", "bias_residual", "norm_bias"])
+def test_matches_separate_ops(kind, m, dtype):
+    n, k = 37, 70  # neither a multiple of the tiles
+    silu = kind == "silu"
+    x, w, gen = _inputs(m, n, k, dtype, silu, seed=m * 10 + len(kind))
+    kw = {}
+    if kind.startswith("norm"):
+        kw.update(norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype), eps=1e-5)
+    if silu:
+        kw["silu_mul"] = True
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if "bias" in kind else None
+    if "residual" in kind:
+        kw["residual"] = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+    got = fused_gemv(x, w, bias, **kw)
+    want = gemv_torch(x, w, bias, **kw)
+    assert got.dtype == dtype and got.shape == (m, n)
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ATOL[dtype])
+
+
+def test_strided_rows_and_refusals():
+    x, w, _ = _inputs(2, 16, 32, torch.float32, False, seed=0)
+    wide = torch.zeros(2, 48, device=DEVICE)
+    wide[:, 8:40] = x
+    torch.testing.assert_close(fused_gemv(wide[:, 8:40], w), gemv_torch(x, w), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="<= 4"):
+        fused_gemv(torch.zeros(MAX_GEMV_ROWS + 1, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="dtypes"):
+        fused_gemv(x.half(), w)
+    assert fused_gemv(x[:0], w).shape == (0, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and the 8B shapes need a GPU")
+@pytest.mark.parametrize("m", [1, 4])
+def test_8b_shapes_bf16_gpu(m):
+    for n, k, kw in ((6144, 4096, "norm"), (4096, 4096, "residual"), (28672, 4096, "norm"), (4096, 14336, "silu")):
+        x, w, gen = _inputs(m, n, k, torch.bfloat16, kw == "silu", seed=n)
+        extra = {"norm": dict(norm_weight=torch.ones(k, device=DEVICE, dtype=torch.bfloat16), eps=1e-5),
+                 "silu": dict(silu_mul=True),
+                 "residual": dict(residual=torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16))}[kw]
+        torch.testing.assert_close(fused_gemv(x, w, **extra).float(), gemv_torch(x, w, **extra).float(),
+                                   atol=3e-2, rtol=3e-2)
+
+
+def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
+    """Whole forwards: decode steps of up to 4 sequences (and prompts of up to 4 tokens) through the fused
+    layers give the unfused model's greedy tokens and logprobs."""
+    from loopserve import SamplingParams
+
+    prompts = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 40)), [3], list(range(50, 61)))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    ref = make_llm(enforce_eager=True).generate(prompts, params)
+    from loopserve.model import llama
+
+    calls = []
+    monkeypatch.setattr(llama, "fused_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or fused_gemv(x, *a, **kw))
+    llm = make_llm(enforce_eager=True, fused_decode_gemv=True)
+    assert llm.engine.model.fused_gemv_rows == MAX_GEMV_ROWS
+    got = llm.generate(prompts, params)
+    # A lone 3-token prompt: its prefill (3 rows) and its decode steps (1 row) take the fused layers too.
+    lone = [{"prompt_token_ids": [90, 91, 92]}]  # not in the prefix cache
+    got += llm.generate(lone, params)
+    ref += make_llm(enforce_eager=True).generate(lone, params)
+    assert {1, 3, 4} <= set(calls)
+    for a, b in zip(got, ref):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.keys() == lb.keys()
+            assert all(la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-4) for t in la)
