@@ -87,16 +87,17 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len
 
 # The block table's row stride is the step's widest table: a fresh value for every new context length,
 # and each divisibility class Triton specialises on would compile a new kernel mid-serving (~0.8 s).
-@triton.jit(do_not_specialize=["stride_bt", "stride_wst", "stride_wss", "stride_mls", "stride_mlt"])
-def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale,
+@triton.jit(do_not_specialize=["stride_bt", "stride_wst", "stride_wss", "stride_mls", "stride_mlt", "num_splits"])
+def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                    stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   SKIP_SINGLE: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    b = tl.program_id(0) // NUM_SPLITS
-    split = tl.program_id(0) % NUM_SPLITS
+                   SKIP_SINGLE: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT: num_splits > 1 programs share each tile's keys (a runtime count: one compiled variant).
+    b = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
     h = tl.program_id(1)
     # Reverse the tile order: the last tiles of a sequence see the most keys, and starting them first
     # shortens the tail of the launch.
@@ -134,9 +135,9 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale,
     full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
     lo = 0
     hi = last_pos + 1
-    if NUM_SPLITS > 1:
+    if SPLIT:
         # This program's share of the key range: whole BLOCK_N tiles, so the mask split stays aligned.
-        per_split = tl.cdiv(tl.cdiv(last_pos + 1, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        per_split = tl.cdiv(tl.cdiv(last_pos + 1, BLOCK_N), num_splits) * BLOCK_N
         lo = split * per_split
         hi = tl.minimum(lo + per_split, last_pos + 1)
     for start in range(lo, tl.minimum(full_end, hi), BLOCK_N):
@@ -148,7 +149,7 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale,
                                      stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
                                      BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
 
-    if NUM_SPLITS > 1:
+    if SPLIT:
         # Unnormalised partials; _extend_merge_kernel combines the splits of each row.
         tl.store(WS + split * stride_wss + rows[:, None] * stride_wst + h * stride_wsh + offs_d[None, :], acc,
                  mask=row_ok[:, None])
@@ -161,17 +162,17 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["stride_wss", "stride_wst", "stride_mls", "stride_mlt"])
-def _extend_merge_kernel(WS, ML, O, stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
+@triton.jit(do_not_specialize=["stride_wss", "stride_wst", "stride_mls", "stride_mlt", "num_splits"])
+def _extend_merge_kernel(WS, ML, O, num_splits, stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
                          stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr):
     # Grid (T, Hq). Rows no split wrote (padding, skipped single-token rows) merge garbage into rows
     # nobody reads or that the decode kernel overwrites next.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLIT_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    live = offs_s < NUM_SPLITS
+    live = offs_s < num_splits
     ml = ML + offs_s * stride_mls + t * stride_mlt + h * stride_mlh
     m = tl.load(ml, mask=live, other=float("-inf"))
     l_s = tl.load(ml + 1, mask=live, other=0.0)
@@ -222,10 +223,10 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         ws = torch.empty(num_splits, T, Hq, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(num_splits, T, Hq, 2, dtype=torch.float32, device=q.device)
     else:
-        ws = ml = out  # unused (NUM_SPLITS = 1 stores to out directly)
+        ws = ml = out  # unused (unsplit, the kernel stores to out directly)
     grid = (B * num_splits, Hq, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ws, ml, scale * _LOG2E,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ws, ml, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -234,13 +235,13 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_SINGLE=skip_single,
-        NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _extend_merge_kernel[(T, Hq)](
-            ws, ml, out, ws.stride(0), ws.stride(1), ws.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
+            ws, ml, out, num_splits, ws.stride(0), ws.stride(1), ws.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, NUM_SPLITS=num_splits, SPLIT_PAD=max(2, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=D, SPLIT_PAD=max(2, triton.next_power_of_2(MAX_EXTEND_SPLITS)),  # one compiled variant
             num_warps=4,
         )
     return out
@@ -294,5 +295,6 @@ def paged_extend_attention(q: torch.Tensor,
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
         num_splits = choose_extend_splits(live_programs, _num_sms(q.device)) if q.is_cuda else 1
+    assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
                    block_m, block_n, num_warps, num_stages, skip_single, num_splits)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
