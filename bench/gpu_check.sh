@@ -3,7 +3,8 @@
 # weight-streaming floor, loopserve's engine (Triton + CUDA graphs, overlap on and off; torch eager as the
 # old path), a profile of where the 8B steps' time goes, saturation throughput, and transformers' eager
 # generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
-# Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself.
+# Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself,
+# and the steps run most needed first, so a run cut by the device budget loses the least.
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,23 +29,20 @@ echo "== 8B"
 g 100 engine --config $B8
 g 60 engine --config $B8 --fused-decode-gemv --long-prompt-len 0
 g 40 floor --config $B8
-echo "== 8B profile: batch-1 decode, 8k cached + 256, mixed decode + prefill steps"
-timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
-echo "== decode profiles: 8B with the fused GEMVs, 135M"
-timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv --long-len 1024 --out "$out" 2>&1 \
-  | tail -1 | cut -c1-300
-timeout 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
 echo "== 135M"
 g 60 engine --config $B135
 g 40 engine --config $B135 --fused-decode-gemv --long-prompt-len 0
 g 30 floor --config $B135
-echo "== 8B saturation (sharegpt-like)"
+echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 70 throughput --config $B8 --workload sharegpt --seconds 20
+g 70 throughput --config $B8 --workload random1000 --seconds 20
+echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
+timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
+timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv --long-len 1024 --out "$out" 2>&1 \
+  | tail -1 | cut -c1-300
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
-echo "== 8B saturation (random 1000/1000)"
-g 70 throughput --config $B8 --workload random1000 --seconds 20
 if [ "${1:-}" != "--no-eager-baseline" ]; then
   echo "== loopserve torch eager (the pre-Triton path)"
   g 80 engine --config $B8 --attention-backend torch --enforce-eager
