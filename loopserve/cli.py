@@ -275,13 +275,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="paged attention kernels (default: auto = Triton on CUDA, torch on CPU)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (decode steps, and prefill / extend steps of up to 8 sequences)")
     p.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="schedule and launch the next step before reading back the current one "
                         "(default: on for CUDA, off on CPU; always off with speculative decoding)")
-    p.add_argument("--fused-decode-gemv", action="store_true",
-                   help="batch 1-4 decode: Triton GEMVs with the norms, SiLU-mul and residual adds fused in, "
-                        "instead of cuBLAS and separate kernels")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -310,7 +308,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     engine_config = EngineConfig(speculative=speculative, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_scheduling=args.overlap_scheduling,
-        fused_decode_gemv=args.fused_decode_gemv,
         model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,

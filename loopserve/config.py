@@ -244,9 +244,12 @@ class EngineConfig:
     # None: on for CUDA devices (off on CPU, whose forward does not run asynchronously); always off
     # with speculative decoding.
     overlap_scheduling: bool | None = None
-    # Forwards of up to MAX_GEMV_ROWS tokens (batch 1-4 decode) run each layer as five Triton GEMVs with
-    # the RMSNorms, the SiLU-mul and the residual adds fused in (model/gemv.py), instead of cuBLAS
-    # plus five small kernels. Needs Triton; on CPU it runs in the interpreter (tests only).
+    # Experimental, off: forwards of up to MAX_GEMV_ROWS tokens (batch 1-4 decode) run each layer as five
+    # Triton GEMVs with the RMSNorms, the SiLU-mul and the residual adds fused in (model/gemv.py) instead
+    # of cuBLAS plus five small kernels. Untuned it measured slower on an H200 (8B batch-1 decode 7.36
+    # against 4.65 ms a step, 135M 1.10 against 0.95: its GEMV streams 2.1 TB/s where cuBLAS does 3.7),
+    # so it stays a benchmarking switch (bench/gpu_decode.py --fused-decode-gemv) until tuned.
+    # Needs Triton; on CPU it runs in the interpreter (tests only).
     fused_decode_gemv: bool = False
 
 

@@ -207,11 +207,14 @@ def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 
 def choose_extend_splits(live_programs: int, num_sms: int) -> int:
-    """Splits of each tile's key range: none once there are two tiles per SM, else enough for about four
-    programs per SM (at most MAX_EXTEND_SPLITS): 256 new tokens over an 8k prefix are 128 programs."""
-    if live_programs >= 2 * num_sms:
+    """Splits of each tile's key range: only while most SMs would idle, then about one program per SM
+    (at most MAX_EXTEND_SPLITS). A tile program of the 128-wide configuration holds ~144 KB of shared
+    memory, one per SM: at 256 new tokens over an 8k prefix (128 programs) five splits measured 0.24 ms
+    a layer against 0.17 ms unsplit on an H200, so splitting only pays where SMs have nothing to run:
+    a short agent turn (64 new tokens x 32 heads is 32 programs) over a long cached prefix."""
+    if 2 * live_programs >= num_sms:
         return 1
-    return min(MAX_EXTEND_SPLITS, -(-4 * num_sms // max(1, live_programs)))
+    return min(MAX_EXTEND_SPLITS, -(-num_sms // max(1, live_programs)))
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
