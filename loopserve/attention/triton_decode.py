@@ -49,8 +49,9 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Eager mixed steps pass tables and workspaces whose widths vary step to step: those strides (and the
-# merge's split count) stay unspecialised, so a new width never compiles a kernel mid-serving.
-@triton.jit(do_not_specialize=["stride_btb", "stride_ab", "stride_ah", "stride_sb", "stride_sh"])
+# merge's split count) stay unspecialised, so a new width never compiles a kernel mid-serving. The
+# partials' strides are multiples of HEAD_DIM whatever the split count: they keep their hints.
+@triton.jit(do_not_specialize=["stride_btb", "stride_sb", "stride_sh"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, stat_ptr,
     qk_scale,
@@ -124,7 +125,7 @@ def _decode_split_kernel(
     tl.store(s_ptrs + stride_sk, l_i, mask=mask_g)
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_ab", "stride_ah", "stride_sb", "stride_sh"])
+@triton.jit(do_not_specialize=["num_splits", "stride_sb", "stride_sh"])
 def _decode_merge_kernel(
     acc_ptr, stat_ptr, out_ptr, num_splits,
     stride_ab, stride_ah, stride_as, stride_ad,

@@ -87,7 +87,9 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len
 
 # The block table's row stride is the step's widest table: a fresh value for every new context length,
 # and each divisibility class Triton specialises on would compile a new kernel mid-serving (~0.8 s).
-@triton.jit(do_not_specialize=["stride_bt", "stride_wst", "stride_wss", "stride_mls", "stride_mlt", "num_splits"])
+# The (max, sum) strides follow the token count likewise. The partials' strides are multiples of
+# HEAD_DIM whatever the step, so they keep their divisibility hints (vector stores).
+@triton.jit(do_not_specialize=["stride_bt", "stride_mls", "stride_mlt", "num_splits"])
 def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -162,7 +164,7 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["stride_wss", "stride_wst", "stride_mls", "stride_mlt", "num_splits"])
+@triton.jit(do_not_specialize=["stride_mls", "stride_mlt", "num_splits"])
 def _extend_merge_kernel(WS, ML, O, num_splits, stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
                          stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr):
