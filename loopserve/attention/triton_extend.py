@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.attention.triton_decode import _num_sms
+from loopserve.attention.triton_decode import _decode_merge_kernel, _num_sms
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
@@ -87,9 +87,9 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len
 
 # The block table's row stride is the step's widest table: a fresh value for every new context length,
 # and each divisibility class Triton specialises on would compile a new kernel mid-serving (~0.8 s).
-# The (max, sum) strides follow the token count likewise. The partials' strides are multiples of
+# The (max, sum) strides follow the split count likewise. The partials' strides are multiples of
 # HEAD_DIM whatever the step, so they keep their divisibility hints (vector stores).
-@triton.jit(do_not_specialize=["stride_bt", "stride_mls", "stride_mlt", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt", "stride_mlt", "stride_mlh", "num_splits"])
 def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -152,7 +152,7 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                                      BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
 
     if SPLIT:
-        # Unnormalised partials; _extend_merge_kernel combines the splits of each row.
+        # Unnormalised partials; the decode path's merge kernel combines the splits of each row.
         tl.store(WS + split * stride_wss + rows[:, None] * stride_wst + h * stride_wsh + offs_d[None, :], acc,
                  mask=row_ok[:, None])
         ml = ML + split * stride_mls + rows * stride_mlt + h * stride_mlh
@@ -162,29 +162,6 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
         out = acc / l_i[:, None]
         tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["stride_mls", "stride_mlt", "num_splits"])
-def _extend_merge_kernel(WS, ML, O, num_splits, stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
-                         stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr):
-    # Grid (T, Hq). Rows no split wrote (padding, skipped single-token rows) merge garbage into rows
-    # nobody reads or that the decode kernel overwrites next.
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLIT_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    live = offs_s < num_splits
-    ml = ML + offs_s * stride_mls + t * stride_mlt + h * stride_mlh
-    m = tl.load(ml, mask=live, other=float("-inf"))
-    l_s = tl.load(ml + 1, mask=live, other=0.0)
-    # Split 0 always holds key 0, visible to every row: m_max is finite for every written row.
-    m_max = tl.max(m, 0)
-    w = tl.where(live & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
-    acc = tl.load(WS + offs_s[:, None] * stride_wss + t * stride_wst + h * stride_wsh + offs_d[None, :],
-                  mask=live[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(O + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty))
 
 
 def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -225,17 +202,18 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
     B = seq_lens.shape[0]
     Hkv = k_cache.shape[2]
     if num_splits > 1:
-        ws = torch.empty(num_splits, T, Hq, D, dtype=torch.float32, device=q.device)
-        ml = torch.empty(num_splits, T, Hq, 2, dtype=torch.float32, device=q.device)
+        # The decode kernel's workspace layout ([rows, heads, splits, ...]), so its merge kernel serves.
+        ws = torch.empty(T, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(T, Hq, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
-        ws = ml = out  # unused (unsplit, the kernel stores to out directly)
+        ws = ml = out.unsqueeze(2)  # unused (unsplit, the kernel stores to out directly)
     grid = (B * num_splits, Hq, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ws, ml, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        ws.stride(0), ws.stride(1), ws.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
+        ws.stride(2), ws.stride(0), ws.stride(1), ml.stride(2), ml.stride(0), ml.stride(1),
         GROUP=Hq // Hkv, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
         BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
@@ -243,9 +221,8 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _extend_merge_kernel[(T, Hq)](
-            ws, ml, out, num_splits, ws.stride(0), ws.stride(1), ws.stride(2), ml.stride(0), ml.stride(1), ml.stride(2),
-            out.stride(0), out.stride(1),
+        _decode_merge_kernel[(T, Hq)](
+            ws, ml, out, num_splits, *ws.stride(), *ml.stride(), *out.stride(),
             HEAD_DIM=D, SPLIT_PAD=max(2, triton.next_power_of_2(MAX_EXTEND_SPLITS)),  # one compiled variant
             num_warps=4,
         )
