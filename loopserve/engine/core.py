@@ -95,6 +95,12 @@ def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     return max(1, budget // per_block)
 
 
+def _prefill_graph_tokens(sched: SchedulerConfig) -> list[int]:
+    """The prefill-graph ladder up to the first size that holds a whole step's token budget."""
+    ladder = [t for t in DEFAULT_PREFILL_GRAPH_TOKENS if t < sched.max_num_batched_tokens]
+    return ladder + [t for t in DEFAULT_PREFILL_GRAPH_TOKENS if t >= sched.max_num_batched_tokens][:1]
+
+
 def _num_host_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     if not cache.enable_prefix_caching:
         return 0
@@ -151,7 +157,7 @@ class EngineCore:
                                   self.device, self.dtype, self.sampler, attention_backend=config.attention_backend,
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len,
                                   num_host_blocks=num_host_blocks,
-                                  prefill_graph_tokens=[] if config.enforce_eager else list(DEFAULT_PREFILL_GRAPH_TOKENS),
+                                  prefill_graph_tokens=[] if config.enforce_eager else _prefill_graph_tokens(sched_cfg),
                                   prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs))
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None

@@ -116,3 +116,12 @@ def test_cuda_graph_prefill_equals_eager(make_llm):
         llm = make_llm(enforce_eager=False, max_num_seqs=8, **kw)
         assert llm.engine.runner.prefill_graphs is not None and llm.engine.runner.prefill_graphs.graphs
         assert [_run(llm, staggered=s) for s in (False, True)] == eager
+
+
+def test_prefill_graph_ladder_stops_at_the_token_budget():
+    from loopserve.config import DEFAULT_PREFILL_GRAPH_TOKENS, SchedulerConfig
+    from loopserve.engine.core import _prefill_graph_tokens
+
+    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=24)) == [16, 32]
+    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=512))[-1] == 512
+    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=1 << 16)) == list(DEFAULT_PREFILL_GRAPH_TOKENS)
