@@ -7,6 +7,8 @@ configuration performs at the issue's two long shapes. One JSON line per finding
                   for): what one eager layer pays before any device work.
   extend_configs  _extend_kernel (BLOCK_M, BLOCK_N, warps, stages) timed at 8k cached + 256 new and
                   at an 8k cold prompt, Llama-3.1-8B attention shape.
+  gemv_configs    (--gemv) the fused GEMV's (BLOCK_N, BLOCK_K, warps, stages) against cuBLAS at the 8B
+                  decode shapes, batch 1, in GB/s of weights read.
 
     python -m bench.gpu_diag --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
 """
@@ -169,6 +171,31 @@ def extend_configs(device: str) -> list[dict]:
     return [{"mode": "diag_extend_configs", "results": out}]
 
 
+def gemv_configs(device: str, rows: int) -> list[dict]:
+    """The fused GEMV's tiles against cuBLAS (F.linear) at the 8B decode shapes: GB/s of weights."""
+    import triton.testing
+
+    from loopserve.model.gemv import fused_gemv
+
+    dev = torch.device(device)
+    out = []
+    for name, n, k in (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)):
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+        x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+        gb = n * k * 2 / 1e9
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=40)
+        row = {"shape": name, "cublas_gb_s": round(gb / ms * 1e3, 1), "triton": []}
+        for cfg in ((16, 256, 4, 4), (8, 512, 4, 4), (32, 128, 4, 4), (16, 512, 8, 3), (64, 128, 8, 3),
+                    (4, 1024, 4, 4), (16, 128, 4, 6)):
+            try:
+                ms = triton.testing.do_bench(lambda: fused_gemv(x, w, config=cfg), warmup=5, rep=40)
+                row["triton"].append({"config": list(cfg), "gb_s": round(gb / ms * 1e3, 1)})
+            except Exception as e:  # out of registers or shared memory, say
+                row["triton"].append({"config": list(cfg), "error": type(e).__name__})
+        out.append(row)
+    return [{"mode": "diag_gemv_configs", "rows": rows, "results": out}]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
@@ -176,12 +203,15 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--skip-extend", action="store_true", help="no extend-kernel sweep (CPU smoke runs)")
+    ap.add_argument("--gemv", action="store_true", help="also sweep the fused GEMV's tiles against cuBLAS")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     results = [launch_cost(args.device, args.iters)]
     results += host_ttft(args.config, args.device, args.top)
     if not args.skip_extend:
         results += extend_configs(args.device)
+    if args.gemv:
+        results += gemv_configs(args.device, rows=1)
     for res in results:
         emit(res, args.config, args.device, args.out)
 

@@ -115,10 +115,12 @@ def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+               residual: torch.Tensor | None = None,
+               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M <= 4, K] (or [M, 2K] with silu_mul), weight [N, K] (nn.Linear's) -> [M, N] in x's dtype.
     norm_weight: RMSNorm x first (eps); silu_mul: x is [gate | up], use silu(gate) * up; residual
-    [M, N]: added to the rounded product. Not both norm and silu."""
+    [M, N]: added to the rounded product. Not both norm and silu. config: (BLOCK_N, BLOCK_K,
+    num_warps, num_stages) instead of the default (bench/gpu_diag.py sweeps it)."""
     assert not (norm_weight is not None and silu_mul), "one prologue at most"
     problem = gemv_problem(x, weight)
     if problem is not None:
@@ -131,7 +133,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return y
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
-    block_n, block_k, num_warps, num_stages = _config(m, n, k, x.device)
+    block_n, block_k, num_warps, num_stages = config or _config(m, n, k, x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),

@@ -39,6 +39,12 @@ def test_matches_separate_ops(kind, m, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ATOL[dtype])
 
 
+def test_explicit_tile_config():
+    x, w, _ = _inputs(3, 40, 96, torch.float32, False, seed=5)
+    got = fused_gemv(x, w, config=(16, 64, 1, 1))  # BLOCK_K above K's remainder: masked tail
+    torch.testing.assert_close(got, gemv_torch(x, w), atol=2e-5, rtol=0)
+
+
 def test_strided_rows_and_refusals():
     x, w, _ = _inputs(2, 16, 32, torch.float32, False, seed=0)
     wide = torch.zeros(2, 48, device=DEVICE)
