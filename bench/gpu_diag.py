@@ -160,7 +160,9 @@ def extend_configs(device: str) -> list[dict]:
         o = torch.empty_like(q)
         flops = 4 * hq * d * sum(prefix + i + 1 for i in range(new))
         for cfg in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-                    (128, 32, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2)):
+                    (128, 32, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2),
+                    # one 128-wide program per SM (shared memory): more warps to hide its loads?
+                    (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 3)):
             try:
                 ms = triton.testing.do_bench(lambda: te._launch(q, kc, vc, bt, qsl, sl, new, 0.08, o, *cfg),
                                              warmup=5, rep=40)
