@@ -122,3 +122,33 @@ def make_llm(tiny_llama, device):
             if kv is not None:
                 assert kv.num_free_blocks == kv.num_blocks, "draft KV blocks leaked"
                 assert not spec.proposer.seqs
+
+
+@pytest.fixture
+def with_prefill_graphs():
+    """Give an eager Triton LLM prefill graphs built (not captured: what a capture records, run as a
+    replay is fed) over a pool grown by a scratch block; returns the (tokens, variant) each step used."""
+
+    def attach(llm, sizes: list[int], max_seqs: int) -> list[tuple[int, bool]]:
+        from loopserve.attention.metadata import KVCache
+        from loopserve.runner.cuda_graphs import PrefillGraphs
+
+        runner = llm.engine.runner
+        runner.kv_caches = [KVCache(torch.cat([c.key, c.key[:1]]), torch.cat([c.value, c.value[:1]]), c.heads_outer)
+                            for c in runner.kv_caches]
+        scratch = runner.kv_caches[0].key.shape[0] - 1
+        max_blocks = -(-llm.engine.max_model_len // runner.block_size)
+        graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_seqs, max_blocks,
+                               scratch_block=scratch, device=runner.device)
+        served = []
+        orig = graphs.forward
+
+        def forward(t, with_single):
+            served.append((t, with_single))
+            return orig(t, with_single)
+
+        graphs.forward = forward
+        runner.prefill_graphs = graphs
+        return served
+
+    return attach

@@ -69,32 +69,7 @@ def test_fused_kernels_through_the_model_equal_torch(make_llm, monkeypatch):
         assert calls and all(calls)  # every op took its kernel
 
 
-def _with_prefill_graphs(llm, sizes: list[int], max_seqs: int):
-    """Give an eager Triton LLM prefill graphs built (not captured) over a pool grown by a scratch block,
-    and count the steps each static variant served."""
-    from loopserve.attention.metadata import KVCache
-    from loopserve.runner.cuda_graphs import PrefillGraphs
-
-    runner = llm.engine.runner
-    runner.kv_caches = [KVCache(torch.cat([c.key, c.key[:1]]), torch.cat([c.value, c.value[:1]]), c.heads_outer)
-                        for c in runner.kv_caches]
-    scratch = runner.kv_caches[0].key.shape[0] - 1
-    max_blocks = -(-llm.engine.max_model_len // runner.block_size)
-    graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_seqs, max_blocks,
-                           scratch_block=scratch, device=runner.device)
-    served = []
-    orig = graphs.forward
-
-    def forward(t, with_single):
-        served.append((t, with_single))
-        return orig(t, with_single)
-
-    graphs.forward = forward
-    runner.prefill_graphs = graphs
-    return served
-
-
-def test_prefill_graph_layout_equals_torch(make_llm):
+def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     """The static layout a prefill graph replays (tokens padded to the graph's size, empty sequence
     slots, 1-token rows routed to the decode kernel with the others parked on the padding row, logits
     rows padded) gives the torch reference's greedy tokens. Run eagerly here (in the interpreter on
@@ -102,7 +77,7 @@ def test_prefill_graph_layout_equals_torch(make_llm):
     kw = dict(max_num_batched_tokens=24, enforce_eager=True)
     ref = _run(make_llm(attention_backend="torch", **kw), staggered=False)
     llm = make_llm(attention_backend="triton", overlap_scheduling=True, **kw)
-    served = _with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=4)
+    served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=4)
     assert _run(llm, staggered=False) == ref
     # Both variants and several sizes served steps; steps of 5 sequences (> 4 slots) ran eagerly.
     assert {w for _, w in served} == {True, False} and len({t for t, _ in served}) >= 2

@@ -320,3 +320,16 @@ def test_sampled_sequences_follow_the_target_distribution(make_llm, near_draft, 
     st = llm.stats().spec_decode
     assert 0 < st.num_accepted_tokens < st.num_draft_tokens
     assert _chi2_ok(counts, joint, n), (counts, {k: round(v * n) for k, v in joint.items()})
+
+
+def test_verify_passes_through_the_prefill_graph_layout(make_llm, with_prefill_graphs):
+    """Speculative verify steps (k + 1 logits rows, some proposals wrong) through the static layout a
+    prefill graph replays (Triton attention in the interpreter on CPU): the plain engine's tokens."""
+    ps = prompts(1, seed=5)
+    ref = token_ids(make_llm().generate(ps, GREEDY))
+    conts = {tuple(p["prompt_token_ids"]): r for p, r in zip(ps, ref)}
+    llm = with_oracle(make_llm(attention_backend="triton", enforce_eager=True,
+                               speculative_config={"method": "ngram", **ALWAYS}), conts)
+    served = with_prefill_graphs(llm, sizes=[8, 64], max_seqs=8)
+    assert token_ids(llm.generate(ps, GREEDY)) == ref
+    assert llm.stats().spec_decode.num_drafts >= 3 and (8, False) in served  # 5-token verify steps
