@@ -96,11 +96,15 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                    stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   SKIP_SINGLE: tl.constexpr, SPLIT: tl.constexpr):
+                   SKIP_SINGLE: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
+                   TOKENS: tl.constexpr):
     # SPLIT: num_splits > 1 programs share each tile's keys (a runtime count: one compiled variant).
+    # PACK_GQA: a program takes one KV head and BLOCK_M // GROUP tokens of all GROUP query heads that
+    # share it (row r: token r // GROUP, head r % GROUP of the group), so each K/V tile it loads
+    # serves the whole group instead of one head; otherwise one query head and BLOCK_M tokens. TOKENS:
+    # the tokens of a tile (BLOCK_M // GROUP packed, else BLOCK_M).
     b = tl.program_id(0) // num_splits
     split = tl.program_id(0) % num_splits
-    h = tl.program_id(1)
     # Reverse the tile order: the last tiles of a sequence see the most keys, and starting them first
     # shortens the tail of the launch.
     mt = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -110,19 +114,29 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
     if SKIP_SINGLE:
         if n_new == 1:
             return  # the caller attends single-token rows with the decode kernel
-    if mt * BLOCK_M >= n_new:
+    if mt * TOKENS >= n_new:
         return
     seq_len = tl.load(SL + b)
     prefix = seq_len - n_new
 
-    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < n_new
+    if PACK_GQA:
+        kvh = tl.program_id(1).to(tl.int64)
+        offs_m = mt * TOKENS + offs_r // GROUP
+        h = kvh * GROUP + offs_r % GROUP                        # per row
+        h_col = h[:, None]
+        row_ok = (offs_m < n_new) & (offs_r < TOKENS * GROUP)  # a GROUP not dividing BLOCK_M leaves spare rows
+    else:
+        h = tl.program_id(1)
+        h_col = h
+        kvh = (h // GROUP).to(tl.int64)
+        offs_m = mt * TOKENS + offs_r
+        row_ok = offs_m < n_new
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + rows[:, None] * stride_qt + h_col * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_pos = prefix + offs_m
 
-    kvh = (h // GROUP).to(tl.int64)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     bt_row = BT + b.to(tl.int64) * stride_bt
@@ -131,8 +145,8 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    first_pos = prefix + mt * BLOCK_M
-    last_pos = prefix + tl.minimum((mt + 1) * BLOCK_M, n_new) - 1
+    first_pos = prefix + mt * TOKENS
+    last_pos = prefix + tl.minimum((mt + 1) * TOKENS, n_new) - 1
     # Keys below full_end are visible to every row of the tile (and all < seq_len): no mask.
     full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
     lo = 0
@@ -153,14 +167,14 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
 
     if SPLIT:
         # Unnormalised partials; the decode path's merge kernel combines the splits of each row.
-        tl.store(WS + split * stride_wss + rows[:, None] * stride_wst + h * stride_wsh + offs_d[None, :], acc,
+        tl.store(WS + split * stride_wss + rows[:, None] * stride_wst + h_col * stride_wsh + offs_d[None, :], acc,
                  mask=row_ok[:, None])
         ml = ML + split * stride_mls + rows * stride_mlt + h * stride_mlh
         tl.store(ml, m_i, mask=row_ok)
         tl.store(ml + 1, l_i, mask=row_ok)
     else:
         out = acc / l_i[:, None]
-        tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        tl.store(O + rows[:, None] * stride_ot + h_col * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -187,17 +201,18 @@ def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 def choose_extend_splits(live_programs: int, num_sms: int) -> int:
     """Splits of each tile's key range: only while most SMs would idle, then about one program per SM
-    (at most MAX_EXTEND_SPLITS). A tile program of the 128-wide configuration holds ~144 KB of shared
-    memory, one per SM: at 256 new tokens over an 8k prefix (128 programs) five splits measured 0.24 ms
-    a layer against 0.17 ms unsplit on an H200, so splitting only pays where SMs have nothing to run:
-    a short agent turn (64 new tokens x 32 heads is 32 programs) over a long cached prefix."""
+    (at most MAX_EXTEND_SPLITS). At 256 new tokens over an 8k prefix (128 programs) five splits
+    measured 0.24 ms a layer (merge included) against the sweep's 0.17 ms unsplit on an H200. Why is
+    not established (a program needs ~48 KB of shared memory, so several fit an SM), so splitting is
+    kept to where SMs have nothing to run: a short agent turn (64 new tokens x 32 heads is 32
+    programs) over a long cached prefix."""
     if 2 * live_programs >= num_sms:
         return 1
     return min(MAX_EXTEND_SPLITS, -(-num_sms // max(1, live_programs)))
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-            block_m, block_n, num_warps, num_stages, skip_single=False, num_splits=1):
+            block_m, block_n, num_warps, num_stages, skip_single=False, num_splits=1, pack_gqa=False):
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     Hkv = k_cache.shape[2]
@@ -207,18 +222,25 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         ml = torch.empty(T, Hq, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         ws = ml = out.unsqueeze(2)  # unused (unsplit, the kernel stores to out directly)
-    grid = (B * num_splits, Hq, triton.cdiv(max_query_len, block_m))
+    group = Hq // Hkv
+    if pack_gqa:
+        assert block_m >= group, f"pack_gqa needs BLOCK_M >= the GQA group ({group})"
+        tokens = block_m // group
+        grid = (B * num_splits, Hkv, triton.cdiv(max_query_len, tokens))
+    else:
+        tokens = block_m
+        grid = (B * num_splits, Hq, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ws, ml, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         ws.stride(2), ws.stride(0), ws.stride(1), ml.stride(2), ml.stride(0), ml.stride(1),
-        GROUP=Hq // Hkv, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
+        GROUP=group, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D,
         BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_SINGLE=skip_single,
-        SPLIT=num_splits > 1, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=num_splits > 1, PACK_GQA=pack_gqa, TOKENS=tokens, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(T, Hq)](
@@ -239,7 +261,8 @@ def paged_extend_attention(q: torch.Tensor,
                            out: torch.Tensor | None = None,
                            skip_single: bool = False,
                            live_programs: int | None = None,
-                           num_splits: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None,
+                           pack_gqa: bool = False) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged caches.
 
     q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding the new tokens'
@@ -252,6 +275,8 @@ def paged_extend_attention(q: torch.Tensor,
     key-range splits; None counts the whole grid (a captured graph's grid is sized for its largest
     batch, so it says). num_splits: None picks by live_programs (choose_extend_splits); with more than
     one, each tile's keys are shared among that many programs and a second kernel merges them.
+    pack_gqa: one program per KV head takes the tokens of all its query heads (each K/V tile loaded
+    once per group, not once per head). Off by default: not measured on a GPU yet (bench/gpu_diag.py).
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -279,4 +304,4 @@ def paged_extend_attention(q: torch.Tensor,
         num_splits = choose_extend_splits(live_programs, _num_sms(q.device)) if q.is_cuda else 1
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-                   block_m, block_n, num_warps, num_stages, skip_single, num_splits)
+                   block_m, block_n, num_warps, num_stages, skip_single, num_splits, pack_gqa)

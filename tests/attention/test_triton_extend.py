@@ -131,6 +131,20 @@ def test_skip_single_leaves_single_token_rows_alone(num_splits):
     torch.testing.assert_close(out[multi], reference(**batch)[multi], atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2), (4, 4)])  # groups of 4, 3 (spare rows) and 1
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_gqa_packed_tiles(hq, hkv, num_splits):
+    """One program per KV head over the tokens of its whole query-head group: the reference, with and
+    without key-range splits, and single-token rows skipped on request."""
+    batch = make_batch(MIXED, hq, hkv, 16, 4, torch.float32, seed=hq * 7 + num_splits)
+    check(batch, paged_extend_attention(**batch, num_splits=num_splits, pack_gqa=True), torch.float32)
+    out = torch.full_like(batch["q"], 5.0)
+    paged_extend_attention(**batch, out=out, skip_single=True, num_splits=1, pack_gqa=True)
+    qsl = batch["query_start_loc"].tolist()
+    single = [qsl[b] for b, (_, n) in enumerate(MIXED) if n == 1]
+    assert (out[single] == 5.0).all()
+
+
 def test_split_choice():
     from loopserve.attention.triton_extend import MAX_EXTEND_SPLITS, choose_extend_splits
     assert choose_extend_splits(4096, 132) == 1 and choose_extend_splits(66, 132) == 1

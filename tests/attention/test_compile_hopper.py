@@ -1,0 +1,106 @@
+"""Every Triton kernel variant the GPU path launches, compiled for Hopper (sm_90) on this machine.
+
+The interpreter checks what the kernels compute but not that they compile: a construct the
+interpreter accepts can still fail in Triton's compiler, and a GPU session would spend its minutes
+finding out. Triton compiles to PTX and runs its bundled ptxas without a GPU, so each variant is built
+here for the H100/H200 target, at the real model shapes (Llama-3.1-8B heads, bf16). The installed
+Triton may be newer than the GPU machine's; a pass here is necessary, not sufficient.
+
+The tests run Triton in its interpreter (tests/conftest.py), whose kernels cannot be compiled, so the
+compiles run in one child process without it; each test reads its variants' results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHILD = textwrap.dedent('''
+    import inspect, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from loopserve.attention import triton_decode as td, triton_extend as te
+    from loopserve.model import fused_ops as fo, gemv
+
+    HOPPER = GPUTarget("cuda", 90, 32)
+    results = {}
+
+    def build(name, kernel, pointers, constexprs, floats=(), **options):
+        sig = {}
+        for p in inspect.signature(kernel.fn).parameters:
+            sig[p] = ("constexpr" if p in constexprs else pointers.get(p) or ("fp32" if p in floats else "i32"))
+        try:
+            k = triton.compile(ASTSource(kernel, sig, constexprs), target=HOPPER, options=options)
+            results[name] = {"ok": True, "shared": k.metadata.shared}
+        except Exception as e:
+            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+
+    for split in (False, True):
+        for pack in (False, True):
+            for block_n in (64, 128):
+                build(f"extend-split{int(split)}-pack{int(pack)}-n{block_n}", te._extend_kernel,
+                      {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
+                       "WS": "*fp32", "ML": "*fp32"},
+                      dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=block_n, DOT_PREC="tf32",
+                           SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64),
+                      floats=("qk_scale",), num_warps=4, num_stages=2)
+    build("decode-split", td._decode_split_kernel,
+          {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
+           "acc_ptr": "*fp32", "stat_ptr": "*fp32"},
+          dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32"),
+          floats=("qk_scale",), num_warps=4)
+    build("decode-merge", td._decode_merge_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
+          dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4)
+    for prologue in ("none", "norm", "silu"):
+        build(f"gemv-{prologue}", gemv._gemv_kernel, dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
+              dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
+                   BLOCK_M=2, BLOCK_N=16, BLOCK_K=256),
+              floats=("eps",), num_warps=4, num_stages=4)
+    build("rms-norm", fo._rms_norm_kernel,
+          dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
+          dict(HAS_RESIDUAL=True, BLOCK=4096), floats=("eps",), num_warps=16)
+    build("rotary-store", fo._rotary_qk_kernel,
+          {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr"], "*bf16"), "pos_ptr": "*i64",
+           "cache_ptr": "*fp32", "slot_ptr": "*i64"},
+          dict(BLOCK_H=16, BLOCK_D=64, STORE_KV=True), num_warps=4)
+    build("silu-mul", fo._silu_and_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
+          num_warps=4)
+    json.dump(results, sys.stdout)
+''')
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"the compile child failed:\n{proc.stderr[-3000:]}")
+    results = json.loads(proc.stdout)
+    if any("ptxas" in r.get("error", "").lower() and "not found" in r.get("error", "").lower()
+           for r in results.values()):
+        pytest.skip("this Triton build cannot assemble for sm_90 (no ptxas)")
+    return results
+
+
+def _assert_built(compiled: dict, prefix: str) -> None:
+    names = [n for n in compiled if n.startswith(prefix)]
+    assert names, f"no variant named {prefix}*"
+    for n in names:
+        assert compiled[n]["ok"], f"{n}: {compiled[n]['error']}"
+        assert compiled[n]["shared"] <= 228 * 1024, f"{n} needs {compiled[n]['shared']} bytes of shared memory"
+
+
+@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul"])
+def test_compiles_for_sm90(compiled, kernel):
+    _assert_built(compiled, kernel)
