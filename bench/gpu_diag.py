@@ -5,8 +5,8 @@ configuration performs at the issue's two long shapes. One JSON line per finding
                   prompt of a length never seen before: the top functions by own time.
   launch_cost     host microseconds per call of each kernel wrapper on tiny inputs (queued, not waited
                   for): what one eager layer pays before any device work.
-  extend_configs  _extend_kernel (BLOCK_M, BLOCK_N, warps, stages) timed at 8k cached + 256 new and
-                  at an 8k cold prompt, Llama-3.1-8B attention shape.
+  extend_configs  _extend_kernel (BLOCK_M, BLOCK_N, warps, stages[, GQA-packed]) timed at 8k cached +
+                  256 new and at an 8k cold prompt, Llama-3.1-8B attention shape.
   gemv_configs    (--gemv) the fused GEMV's (BLOCK_N, BLOCK_K, warps, stages) against cuBLAS at the 8B
                   decode shapes, batch 1, in GB/s of weights read.
 
@@ -161,11 +161,13 @@ def extend_configs(device: str) -> list[dict]:
         flops = 4 * hq * d * sum(prefix + i + 1 for i in range(new))
         for cfg in ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
                     (128, 32, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2),
-                    # one 128-wide program per SM (shared memory): more warps to hide its loads?
-                    (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 3)):
+                    (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 3),
+                    # GQA-packed: one program per KV head, its 4 query heads' rows in one tile
+                    (64, 64, 4, 2, True), (64, 128, 4, 2, True), (128, 64, 8, 2, True), (128, 128, 8, 2, True)):
             try:
-                ms = triton.testing.do_bench(lambda: te._launch(q, kc, vc, bt, qsl, sl, new, 0.08, o, *cfg),
-                                             warmup=5, rep=40)
+                ms = triton.testing.do_bench(
+                    lambda: te._launch(q, kc, vc, bt, qsl, sl, new, 0.08, o, *cfg[:4], pack_gqa=cfg[4:] == (True,)),
+                    warmup=5, rep=40)
                 out.append({"shape": name, "config": list(cfg), "ms": round(ms, 4),
                             "tflop_s": round(flops / ms / 1e9, 1)})
             except Exception as e:  # out of shared memory, say
