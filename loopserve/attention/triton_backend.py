@@ -31,13 +31,13 @@ class TritonPagedAttention:
                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Attention of the new tokens (already in the cache) over their contexts; [T, Hq, D]."""
         from loopserve.attention.triton_decode import paged_decode_attention
-        from loopserve.attention.triton_extend import paged_extend_attention
+        from loopserve.attention.triton_extend import live_programs_of, paged_extend_attention
 
         live = None
         if meta.static_layout:
             # A captured prefill graph: its grid covers max_query_len in every sequence slot, but the steps
             # it serves are mostly one sequence, whose tiles pick the kernel's tile shape.
-            live = query.shape[1] * -(-meta.max_query_len // 64)
+            live = live_programs_of(1, query.shape[1], meta.max_query_len)
         elif not meta.prefill_indices:
             # Pure decode: row i is sequence i's only new token.
             return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)

@@ -199,6 +199,12 @@ def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
     return 64, 64, 4, 3
 
 
+def live_programs_of(num_seqs: int, num_q_heads: int, max_query_len: int) -> int:
+    """(query tile, head) programs with work, counted in 64-row tiles: what picks the tile shape and
+    the splits (the count is a heuristic's input, whatever BLOCK_M the chosen config then has)."""
+    return num_seqs * num_q_heads * triton.cdiv(max_query_len, 64)
+
+
 def choose_extend_splits(live_programs: int, num_sms: int) -> int:
     """Splits of each tile's key range: only while most SMs would idle, then about one program per SM
     (at most MAX_EXTEND_SPLITS). At 256 new tokens over an 8k prefix (128 programs) five splits
@@ -297,7 +303,7 @@ def paged_extend_attention(q: torch.Tensor,
     if T == 0 or seq_lens.shape[0] == 0 or max_query_len <= 0:
         return out
     if live_programs is None:
-        live_programs = seq_lens.shape[0] * Hq * triton.cdiv(max_query_len, 64)
+        live_programs = live_programs_of(seq_lens.shape[0], Hq, max_query_len)
     block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device, live_programs)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.

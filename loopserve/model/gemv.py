@@ -103,7 +103,7 @@ def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+def _config(m: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if device.type != "cuda":
         return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
@@ -133,7 +133,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return y
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
-    block_n, block_k, num_warps, num_stages = config or _config(m, n, k, x.device)
+    block_n, block_k, num_warps, num_stages = config or _config(m, k, x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),

@@ -11,10 +11,33 @@ graph (Triton kernels, no host synchronisation); sampling runs after the replay,
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.runner.host_copy import to_device
+
+
+@torch.inference_mode()
+def _capture_all(graphs: dict, forwards: list) -> None:
+    """Capture each (key, forward) into `graphs[key] = (graph, output)`, in order, all in one memory
+    pool (list the largest first: it sets the pool's size). Each forward runs twice uncaptured first,
+    so kernels compile and autotune outside the capture."""
+    pool = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for key, forward in forwards:
+            for _ in range(2):
+                forward()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                output = forward()
+            pool = graph.pool()
+            graphs[key] = (graph, output)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
 
 
 class DecodeGraphs:
@@ -49,23 +72,9 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self._batch(b))
         return self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size, largest first, all in one memory pool (the largest sets its size)."""
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.sizes):
-                for _ in range(2):  # compile / autotune outside the capture
-                    self._forward(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(b)
-                pool = graph.pool()
-                self.graphs[b] = (graph, logits)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        _capture_all(self.graphs, [(b, functools.partial(self._forward, b)) for b in reversed(self.sizes)])
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.max_batch and max_blocks <= self.block_tables.shape[1]
@@ -150,24 +159,10 @@ class PrefillGraphs:
         hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single))
         return self.model.compute_logits(hidden.index_select(0, self.logits_rows))
 
-    @torch.inference_mode()
-    def capture(self, pool=None):
-        """Capture every (size, variant), largest first, in one memory pool; returns the pool."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for t in reversed(self.sizes):
-                for with_single in (True, False):
-                    for _ in range(2):  # compile / autotune outside the capture
-                        self.forward(t, with_single)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        logits = self.forward(t, with_single)
-                    pool = graph.pool()
-                    self.graphs[(t, with_single)] = (graph, logits)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        return pool
+    def capture(self) -> None:
+        """Capture every (size, variant), largest first, in one memory pool."""
+        _capture_all(self.graphs, [((t, single), functools.partial(self.forward, t, single))
+                                   for t in reversed(self.sizes) for single in (True, False)])
 
     def fits(self, num_tokens: int, num_seqs: int, num_logits: int, max_blocks: int) -> bool:
         return (num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and num_logits <= self.max_seqs
