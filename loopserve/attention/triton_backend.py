@@ -33,43 +33,69 @@ class TritonPagedAttention:
         from loopserve.attention.triton_decode import paged_decode_attention
         from loopserve.attention.triton_extend import live_programs_of, paged_extend_attention
 
-        live = None
         if meta.static_layout:
             # A captured prefill graph: its grid covers max_query_len in every sequence slot, but the steps
             # it serves are mostly one sequence, whose tiles pick the kernel's tile shape.
-            live = live_programs_of(1, query.shape[1], meta.max_query_len)
+            live, seq_ids = live_programs_of(1, query.shape[1], meta.max_query_len), None
         elif not meta.prefill_indices:
             # Pure decode: row i is sequence i's only new token.
-            return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale)
-        if not meta.decode_indices:
+            return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
+                                          workspace=self._decode_workspace(meta, query, cache, meta.block_tables))
+        elif not meta.decode_indices:
             return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                          meta.seq_lens_t, meta.max_query_len, scale, live_programs=live)
+                                          meta.seq_lens_t, meta.max_query_len, scale)
+        else:
+            # Eager mixed step: the extend grid covers the multi-token sequences only, not every row's.
+            live = live_programs_of(len(meta.prefill_indices), query.shape[1], meta.max_query_len)
+            seq_ids = self._derived(meta, "triton_prefill_ids",
+                                    lambda: to_device(meta.prefill_indices, torch.int32, query.device))
         # Mixed step. In the extend kernel a decode row would fill one of BLOCK_M query rows and read its
         # context once per query head; the decode kernel reads it once per KV head for the whole GQA
-        # group. So decode rows (and 1-token chunks, the same thing causally) go there.
+        # group. So decode rows (and 1-token chunks, the same thing causally) go there, attended in place
+        # through row maps. Extend first: split, its merge writes every row, the 1-token ones with garbage.
         t = query.shape[0]
         # A graph's decode launch covers every sequence slot; the slots without a 1-token row write to a
         # spare row past the step's rows (runner/cuda_graphs.py).
         out = query.new_empty((t + 1 if meta.static_layout else t,) + query.shape[1:])
         paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
                                meta.seq_lens_t, meta.max_query_len, scale, out=out[:t], skip_single=True,
-                               live_programs=live)
+                               live_programs=live, seq_ids=seq_ids)
         q_rows, out_rows, tables, lens = self._single_token_rows(meta, query.device)
-        out.index_copy_(0, out_rows, paged_decode_attention(query.index_select(0, q_rows), cache.key, cache.value,
-                                                            tables, lens, scale))
+        paged_decode_attention(query, cache.key, cache.value, tables, lens, scale, out=out,
+                               workspace=self._decode_workspace(meta, query, cache, tables),
+                               q_rows=q_rows, out_rows=out_rows)
         return out[:t]
 
     @staticmethod
-    def _single_token_rows(meta: AttentionMetadata, device: torch.device):
+    def _derived(meta: AttentionMetadata, name: str, make):
+        """What every layer of a step shares, built on the first layer (or before a graph's capture)."""
+        got = meta.derived.get(name)
+        if got is None:
+            got = meta.derived[name] = make()
+        return got
+
+    def _decode_workspace(self, meta: AttentionMetadata, query: torch.Tensor, cache: KVCache,
+                          tables: torch.Tensor):
+        """One split-decode workspace per forward: its ticket counters are zeroed once (a memset
+        inside a captured graph) and every layer's launch leaves them zero for the next."""
+        from loopserve.attention.triton_decode import _num_sms, choose_num_splits, decode_workspace
+
+        def make():
+            batch, num_kv_heads = tables.shape[0], cache.num_kv_heads
+            splits = choose_num_splits(batch, num_kv_heads, tables.shape[1], cache.block_size, _num_sms(query.device))
+            return decode_workspace(batch, query.shape[1], num_kv_heads, query.shape[2], splits, query.device)
+
+        return self._derived(meta, "triton_decode_ws", make)
+
+    def _single_token_rows(self, meta: AttentionMetadata, device: torch.device):
         """Query rows, output rows, block tables and lengths of a mixed step's 1-token sequences (once a
         step). A captured graph puts its static buffers in `meta.derived` before capture."""
-        got = meta.derived.get("triton_single_rows")
-        if got is None:
+        def make():
             idx = to_device(meta.decode_indices, torch.long, device)
             rows = to_device([meta.query_start_loc[i] for i in meta.decode_indices], torch.long, device)
-            got = meta.derived["triton_single_rows"] = (rows, rows, meta.block_tables.index_select(0, idx),
-                                                        meta.seq_lens_t.index_select(0, idx))
-        return got
+            return rows, rows, meta.block_tables.index_select(0, idx), meta.seq_lens_t.index_select(0, idx)
+
+        return self._derived(meta, "triton_single_rows", make)
 
 
 def make_backend(name: str, device: torch.device):

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.attention.triton_decode import _decode_merge_kernel, _num_sms
+from loopserve.attention.triton_decode import _num_sms
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
@@ -90,20 +90,23 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len
 # The (max, sum) strides follow the split count likewise. The partials' strides are multiples of
 # HEAD_DIM whatever the step, so they keep their divisibility hints (vector stores).
 @triton.jit(do_not_specialize=["stride_bt", "stride_mlt", "stride_mlh", "num_splits"])
-def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
+def _extend_kernel(Q, K, V, O, BT, QSL, SL, SEQ_IDS, WS, ML, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                    stride_wss, stride_wst, stride_wsh, stride_mls, stride_mlt, stride_mlh,
                    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                    SKIP_SINGLE: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
-                   TOKENS: tl.constexpr):
+                   TOKENS: tl.constexpr, HAS_SEQ_IDS: tl.constexpr):
     # SPLIT: num_splits > 1 programs share each tile's keys (a runtime count: one compiled variant).
     # PACK_GQA: a program takes one KV head and BLOCK_M // GROUP tokens of all GROUP query heads that
     # share it (row r: token r // GROUP, head r % GROUP of the group), so each K/V tile it loads
     # serves the whole group instead of one head; otherwise one query head and BLOCK_M tokens. TOKENS:
-    # the tokens of a tile (BLOCK_M // GROUP packed, else BLOCK_M).
+    # the tokens of a tile (BLOCK_M // GROUP packed, else BLOCK_M). HAS_SEQ_IDS: grid row i takes
+    # sequence SEQ_IDS[i] (a mixed step's multi-token sequences), else sequence i.
     b = tl.program_id(0) // num_splits
+    if HAS_SEQ_IDS:
+        b = tl.load(SEQ_IDS + b)
     split = tl.program_id(0) % num_splits
     # Reverse the tile order: the last tiles of a sequence see the most keys, and starting them first
     # shortens the tail of the launch.
@@ -166,7 +169,7 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
                                      BLOCK_SIZE, BLOCK_N, True, DOT_PREC)
 
     if SPLIT:
-        # Unnormalised partials; the decode path's merge kernel combines the splits of each row.
+        # Unnormalised partials; _merge_splits_kernel combines the splits of each row.
         tl.store(WS + split * stride_wss + rows[:, None] * stride_wst + h_col * stride_wsh + offs_d[None, :], acc,
                  mask=row_ok[:, None])
         ml = ML + split * stride_mls + rows * stride_mlt + h * stride_mlh
@@ -176,6 +179,40 @@ def _extend_kernel(Q, K, V, O, BT, QSL, SL, WS, ML, qk_scale, num_splits,
         out = acc / l_i[:, None]
         tl.store(O + rows[:, None] * stride_ot + h_col * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# Merges the key-range splits of each (row, query head): grid (T, Hq), partials in the layout
+# [rows, heads, splits, ...].
+@triton.jit(do_not_specialize=["num_splits", "stride_sb", "stride_sh"])
+def _merge_splits_kernel(
+    acc_ptr, stat_ptr, out_ptr, num_splits,
+    stride_ab, stride_ah, stride_as, stride_ad,
+    stride_sb, stride_sh, stride_ss, stride_sk,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLIT_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+
+    s_ptrs = stat_ptr + b * stride_sb + h * stride_sh + offs_s * stride_ss
+    m = tl.load(s_ptrs, mask=mask_s, other=float("-inf"))
+    l = tl.load(s_ptrs + stride_sk, mask=mask_s, other=0.0)
+    acc = tl.load(acc_ptr + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
+                  + offs_d[None, :] * stride_ad, mask=mask_s[:, None], other=0.0)
+
+    m_max = tl.max(m, 0)
+    # An empty sequence has every max at -inf: shift by 0 instead so -inf - -inf (NaN) never
+    # happens. Empty splits get weight exp2(-inf) = 0 either way.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    o = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+             o.to(out_ptr.dtype.element_ty))
 
 
 def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -218,12 +255,12 @@ def choose_extend_splits(live_programs: int, num_sms: int) -> int:
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-            block_m, block_n, num_warps, num_stages, skip_single=False, num_splits=1, pack_gqa=False):
+            block_m, block_n, num_warps, num_stages, skip_single=False, num_splits=1, pack_gqa=False,
+            seq_ids=None):
     T, Hq, D = q.shape
-    B = seq_lens.shape[0]
+    B = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
     Hkv = k_cache.shape[2]
     if num_splits > 1:
-        # The decode kernel's workspace layout ([rows, heads, splits, ...]), so its merge kernel serves.
         ws = torch.empty(T, Hq, num_splits, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(T, Hq, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
@@ -237,7 +274,8 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         tokens = block_m
         grid = (B * num_splits, Hq, triton.cdiv(max_query_len, block_m))
     _extend_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ws, ml, scale * _LOG2E, num_splits,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        seq_ids if seq_ids is not None else seq_lens, ws, ml, scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -246,10 +284,11 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         BLOCK_M=block_m, BLOCK_N=block_n,
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_SINGLE=skip_single,
-        SPLIT=num_splits > 1, PACK_GQA=pack_gqa, TOKENS=tokens, num_warps=num_warps, num_stages=num_stages,
+        SPLIT=num_splits > 1, PACK_GQA=pack_gqa, TOKENS=tokens, HAS_SEQ_IDS=seq_ids is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(T, Hq)](
+        _merge_splits_kernel[(T, Hq)](
             ws, ml, out, num_splits, *ws.stride(), *ml.stride(), *out.stride(),
             HEAD_DIM=D, SPLIT_PAD=max(2, triton.next_power_of_2(MAX_EXTEND_SPLITS)),  # one compiled variant
             num_warps=4,
@@ -268,7 +307,8 @@ def paged_extend_attention(q: torch.Tensor,
                            skip_single: bool = False,
                            live_programs: int | None = None,
                            num_splits: int | None = None,
-                           pack_gqa: bool = False) -> torch.Tensor:
+                           pack_gqa: bool = False,
+                           seq_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged caches.
 
     q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding the new tokens'
@@ -283,6 +323,10 @@ def paged_extend_attention(q: torch.Tensor,
     one, each tile's keys are shared among that many programs and a second kernel merges them.
     pack_gqa: one program per KV head takes the tokens of all its query heads (each K/V tile loaded
     once per group, not once per head). Off by default: not measured on a GPU yet (bench/gpu_diag.py).
+    seq_ids: int32 [P], the sequences to attend (their rows only; the others' rows are left alone);
+    None attends all. The grid covers these P sequences: in a mixed step of 256 decode rows and one
+    prompt, listing the prompt alone launches its tiles rather than 257 sequences' worth of programs
+    that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk).
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -300,14 +344,17 @@ def paged_extend_attention(q: torch.Tensor,
         out = torch.empty_like(q)
     else:
         assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, "bad out"
-    if T == 0 or seq_lens.shape[0] == 0 or max_query_len <= 0:
+    if seq_ids is not None:
+        assert seq_ids.dim() == 1 and seq_ids.dtype == torch.int32 and seq_ids.is_contiguous(), "bad seq_ids"
+    num_listed = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
+    if T == 0 or num_listed == 0 or max_query_len <= 0:
         return out
     if live_programs is None:
-        live_programs = live_programs_of(seq_lens.shape[0], Hq, max_query_len)
+        live_programs = live_programs_of(num_listed, Hq, max_query_len)
     block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device, live_programs)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
         num_splits = choose_extend_splits(live_programs, _num_sms(q.device)) if q.is_cuda else 1
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-                   block_m, block_n, num_warps, num_stages, skip_single, num_splits, pack_gqa)
+                   block_m, block_n, num_warps, num_stages, skip_single, num_splits, pack_gqa, seq_ids)

@@ -50,16 +50,20 @@ CHILD = textwrap.dedent('''
             for block_n in (64, 128):
                 build(f"extend-split{int(split)}-pack{int(pack)}-n{block_n}", te._extend_kernel,
                       {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
-                       "WS": "*fp32", "ML": "*fp32"},
+                       "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
                       dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=block_n, DOT_PREC="tf32",
-                           SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64),
+                           SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64,
+                           HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
-    build("decode-split", td._decode_split_kernel,
-          {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
-           "acc_ptr": "*fp32", "stat_ptr": "*fp32"},
-          dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32"),
-          floats=("qk_scale",), num_warps=4)
-    build("decode-merge", td._decode_merge_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
+    for rows in (False, True):
+        build(f"decode-rows{int(rows)}", td._decode_kernel,
+              {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
+               "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
+               "q_rows_ptr": "*i64", "out_rows_ptr": "*i64"},
+              dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
+                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows),
+              floats=("qk_scale",), num_warps=4)
+    build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4)
     for prologue in ("none", "norm", "silu"):
         build(f"gemv-{prologue}", gemv._gemv_kernel, dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),

@@ -127,7 +127,7 @@ def test_replay_with_preallocated_out_and_workspace():
     (q, k, v, tables, lens_t), (q2, k2, v2, tables2, lens2) = paired_cases(
         lens_a, lens_b, hq, hkv, d, bs, torch.float32, (1, 2))
     out = torch.empty_like(q)
-    ws = decode_workspace(3, hq, d, splits, DEVICE)
+    ws = decode_workspace(3, hq, hkv, d, splits, DEVICE)
     # num_splits comes from the workspace when not given.
     got = paged_decode_attention(q, k, v, tables, lens_t, 0.2, out=out, workspace=ws)
     assert got is out
@@ -138,13 +138,46 @@ def test_replay_with_preallocated_out_and_workspace():
     torch.testing.assert_close(out, reference(q, k, v, tables, lens_t, 0.2), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_one_workspace_serves_every_layer(splits):
+    """A forward's layers share one workspace: every split launch leaves its ticket counters at zero,
+    so the next layer's merge runs once per (sequence, KV head), after all its splits."""
+    hq, hkv, d, bs = 8, 2, 32, 4
+    ws = decode_workspace(3, hq, hkv, d, splits, DEVICE)
+    for layer in range(3):
+        q, k, v, tables, lens_t = make_case([70, 1, 33], hq, hkv, d, bs, torch.float32, 10 + layer)
+        out = paged_decode_attention(q, k, v, tables, lens_t, 0.2, workspace=ws)
+        torch.testing.assert_close(out, reference(q, k, v, tables, lens_t, 0.2), atol=1e-4, rtol=0)
+        assert not ws.tickets.any()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_row_maps_attend_in_place(splits):
+    """Sequence b reads query row q_rows[b] and writes output row out_rows[b] of wider tensors (a
+    mixed step's 1-token rows); every other row is left as it was."""
+    hq, hkv, d, bs = 8, 2, 16, 4
+    q, k, v, tables, lens_t = make_case([33, 1, 70], hq, hkv, d, bs, torch.float32, 5)
+    wide_q = torch.randn(9, hq, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    q_rows = torch.tensor([6, 0, 3], device=DEVICE)
+    out_rows = torch.tensor([2, 8, 5], device=DEVICE)
+    wide_q[q_rows] = q
+    out = torch.full((10, hq, d), 7.0, device=DEVICE)
+    paged_decode_attention(wide_q, k, v, tables, lens_t, 0.3, out=out, num_splits=splits,
+                           q_rows=q_rows, out_rows=out_rows)
+    torch.testing.assert_close(out[out_rows], reference(q, k, v, tables, lens_t, 0.3), atol=1e-4, rtol=0)
+    untouched = [r for r in range(10) if r not in out_rows.tolist()]
+    assert (out[untouched] == 7.0).all()
+
+
 def test_empty_sequence_gives_zeros_not_nan():
     """A padded batch slot with seq_len 0 (outside the API's promise) must not poison anything."""
     q, k, v, tables, lens_t = make_case([5, 3], 4, 2, 16, 4, torch.float32, 3)
     lens_t[1] = 0
-    out = paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=2)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    torch.testing.assert_close(out[:1], reference(q[:1], k, v, tables[:1], lens_t[:1], 0.25), atol=1e-4, rtol=0)
+    for splits in (1, 2):
+        out = paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        torch.testing.assert_close(out[:1], reference(q[:1], k, v, tables[:1], lens_t[:1], 0.25), atol=1e-4,
+                                   rtol=0)
 
 
 def test_rejects_unsupported_head_dim():
@@ -184,7 +217,7 @@ def test_cuda_graph_replay():
     (q, k, v, tables, lens_t), (q2, k2, v2, tables2, lens2) = paired_cases(
         lens_a, lens_b, hq, hkv, d, bs, torch.float16, (4, 5))
     out = torch.empty_like(q)
-    ws = decode_workspace(4, hq, d, choose_num_splits(4, hkv, tables.shape[1], bs), DEVICE)
+    ws = decode_workspace(4, hq, hkv, d, choose_num_splits(4, hkv, tables.shape[1], bs), DEVICE)
     paged_decode_attention(q, k, v, tables, lens_t, 0.1, out=out, workspace=ws)   # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -131,6 +131,23 @@ def test_skip_single_leaves_single_token_rows_alone(num_splits):
     torch.testing.assert_close(out[multi], reference(**batch)[multi], atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_listed_sequences_only(num_splits):
+    """seq_ids: the grid covers the listed sequences (in any order), which get exact attention; unsplit,
+    every other row is left as it was (split, the merge writes them; a mixed step overwrites them)."""
+    batch = make_batch(MIXED, 4, 2, 16, 4, torch.float32, seed=33)
+    listed = [4, 0, 6]                                   # prefills and extends of MIXED, shuffled
+    out = torch.full_like(batch["q"], 5.0)
+    seq_ids = torch.tensor(listed, dtype=torch.int32, device=DEVICE)
+    paged_extend_attention(**batch, out=out, num_splits=num_splits, seq_ids=seq_ids)
+    qsl = batch["query_start_loc"].tolist()
+    rows = [r for b in listed for r in range(qsl[b], qsl[b + 1])]
+    torch.testing.assert_close(out[rows], reference(**batch)[rows], atol=ATOL[torch.float32], rtol=0)
+    if num_splits == 1:
+        others = [r for r in range(out.shape[0]) if r not in rows]
+        assert (out[others] == 5.0).all()
+
+
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2), (4, 4)])  # groups of 4, 3 (spare rows) and 1
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_gqa_packed_tiles(hq, hkv, num_splits):
