@@ -70,6 +70,6 @@ class ForwardBatch:
     """Everything a model's forward needs besides token ids and positions."""
     meta: AttentionMetadata
     kv_caches: list[KVCache]        # one per layer
-    # .store_rotated(q, k, v, positions, cos_sin_cache, cache, meta) then .attend(q, k, v, cache, meta, scale)
-    # -> [T, Hq, D]
+    # .rotary_attend(q, k, v, positions, cos_sin_cache, cache, meta, scale) -> [T, Hq, D] (rotary, cache
+    # write, attention), or its two halves .store_rotated(...) and .attend(q, k, v, cache, meta, scale)
     backend: "object"

@@ -266,6 +266,13 @@ class TorchPagedAttention:
         rotary_qk_(query, key, positions, cos_sin_cache)
         self.write_kv(cache, key, value, meta.slot_mapping)
 
+    def rotary_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+        """Rotary on the new tokens, their K/V into the cache, their attention; [T, Hq, D]."""
+        self.store_rotated(query, key, value, positions, cos_sin_cache, cache, meta)
+        return self.attend(query, key, value, cache, meta, scale)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Attention of the new tokens (already in the cache) over their contexts; [T, Hq, D]."""

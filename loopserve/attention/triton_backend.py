@@ -27,6 +27,25 @@ class TritonPagedAttention:
         """Rotary on query and key and the cache write of key and value: one kernel on CUDA."""
         rotary_qk_store_kv_(query, key, value, positions, cos_sin_cache, cache.key, cache.value, meta.slot_mapping)
 
+    def rotary_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+        """Rotary on the new tokens, their K/V into the cache, their attention; [T, Hq, D]. A pure decode
+        step does all three in the decode kernel's one launch a layer; other steps run the rotary + KV
+        write kernel first."""
+        from loopserve.attention.triton_decode import NewTokens, paged_decode_attention
+        from loopserve.model.fused_ops import rotary_store_problem
+
+        if (not meta.static_layout and not meta.prefill_indices
+                and rotary_store_problem(query, key, value, positions, cos_sin_cache, cache.key, cache.value,
+                                         meta.slot_mapping) is None):
+            return paged_decode_attention(
+                query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
+                workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
+                new_tokens=NewTokens(key, value, positions, cos_sin_cache, meta.slot_mapping))
+        self.store_rotated(query, key, value, positions, cos_sin_cache, cache, meta)
+        return self.attend(query, key, value, cache, meta, scale)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache,
                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Attention of the new tokens (already in the cache) over their contexts; [T, Hq, D]."""

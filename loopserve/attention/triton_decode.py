@@ -63,6 +63,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit(do_not_specialize=["stride_btb", "stride_sb", "stride_sh"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, acc_ptr, stat_ptr, ticket_ptr, out_ptr, q_rows_ptr, out_rows_ptr,
+    kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr,
     qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -71,9 +72,10 @@ def _decode_kernel(
     stride_ab, stride_ah, stride_as, stride_ad,
     stride_sb, stride_sh, stride_ss, stride_sk,
     stride_ob, stride_oh, stride_od,
+    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
+    SPLIT_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, ROTARY: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -95,9 +97,8 @@ def _decode_kernel(
 
     # Padded group rows load as zeros: their scores are finite (0), so they never produce NaN,
     # and their results are simply not stored.
-    q = tl.load(q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=mask_g[:, None], other=0.0)
-    q = q.to(k_ptr.dtype.element_ty)
+    q_at = q_ptr + q_row * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_at + offs_d[None, :] * stride_qd, mask=mask_g[:, None], other=0.0)
 
     # Divide the sequence in whole BLOCK_N chunks so no split starts mid-tile (one partial tile
     # per sequence instead of one per split). Splits past the last chunk get an empty range.
@@ -105,6 +106,34 @@ def _decode_kernel(
     chunks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     start = split * chunks_per_split * BLOCK_N
     end = tl.minimum(start + chunks_per_split * BLOCK_N, seq_len)
+
+    if ROTARY:
+        # Neox rotary at the new token's position, rounded where fused_ops' rotary kernel rounds (cos
+        # and sin to the activation dtype, the result to q's): x * cos + partner * (-sin | +sin),
+        # the partner being the other half's element.
+        half: tl.constexpr = HEAD_DIM // 2
+        partner = (offs_d + half) % HEAD_DIM
+        cs_row = cs_ptr + tl.load(pos_ptr + q_row).to(tl.int64) * stride_cs
+        cos = tl.load(cs_row + offs_d % half).to(q_ptr.dtype.element_ty).to(tl.float32)
+        sin = tl.load(cs_row + half + offs_d % half).to(q_ptr.dtype.element_ty).to(tl.float32)
+        sin = tl.where(offs_d < half, -sin, sin)
+        q_partner = tl.load(q_at + partner[None, :] * stride_qd, mask=mask_g[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q_ptr.dtype.element_ty)
+        # The program whose share holds the new token (position seq_len - 1) writes its rotated key and
+        # its value to the cache before reading them back: the CTA barrier makes the stores visible to
+        # the loop's loads. No other program reads that slot.
+        last_chunk = tl.maximum(tl.cdiv(seq_len, BLOCK_N) - 1, 0)
+        if split == last_chunk // tl.maximum(chunks_per_split, 1):
+            slot = tl.load(slot_ptr + q_row).to(tl.int64)
+            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+            kn_at = kn_ptr + q_row * stride_knb + kvh * stride_knh
+            kn = tl.load(kn_at + offs_d).to(tl.float32) * cos + tl.load(kn_at + partner).to(tl.float32) * sin
+            tl.store(k_ptr + dst + offs_d * stride_kd, kn.to(kn_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty))
+            dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kvh * stride_vh
+            vn = tl.load(vn_ptr + q_row * stride_vnb + kvh * stride_vnh + offs_d)
+            tl.store(v_ptr + dst_v + offs_d * stride_vd, vn.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()
+    q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -208,6 +237,19 @@ class DecodeWorkspace:
         return self.acc.shape[2]
 
 
+@dataclass
+class NewTokens:
+    """A decode step's new tokens before rotary, for a launch that rotates them and writes the cache
+    itself (one kernel instead of fused_ops' rotary + KV write and the attention). Row r of each tensor
+    is query row r: key/value [rows, Hkv, D] (contiguous last dim), positions and slot_mapping [rows]
+    (int32/int64), cos_sin_cache [max_pos, D] fp32 = cat(cos, sin), the Neox rotation over all of D."""
+    key: torch.Tensor
+    value: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 def decode_workspace(batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, num_splits: int,
                      device) -> DecodeWorkspace:
     acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
@@ -220,14 +262,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, num_splits: int | None = None,
                            workspace: DecodeWorkspace | None = None,
                            q_rows: torch.Tensor | None = None,
-                           out_rows: torch.Tensor | None = None) -> torch.Tensor:
+                           out_rows: torch.Tensor | None = None,
+                           new_tokens: NewTokens | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V over each sequence's paged context; q [B, Hq, D] -> out [B, Hq, D].
 
     block_tables [B, max_blocks] and seq_lens [B] give the B sequences. With row maps (both or
     neither; int32/int64 [B]), sequence b's query is q[q_rows[b]] and its output out[out_rows[b]]:
     q and out may then have any number of rows, and rows not named are left alone (out is required).
     num_splits None: taken from `workspace` when given, else `choose_num_splits`. A workspace may
-    have more splits and a larger batch than the call uses.
+    have more splits and a larger batch than the call uses. new_tokens: q is not rotated yet, and the
+    new tokens' K/V are not in the cache yet; the kernel rotates q, and writes the rotated key and the
+    value at each sequence's slot (q itself is left as it was).
     """
     assert q.dim() == 3 and k_cache.dim() == 4, "q [B, Hq, D], caches [num_blocks, block_size, Hkv, D]"
     _, num_q_heads, head_dim = q.shape
@@ -269,17 +314,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert (tickets.dtype == torch.int32 and tickets.shape[0] >= batch and tickets.shape[1] == num_kv_heads
             and tickets.is_contiguous()), "bad ticket counters"
 
+    nt = new_tokens
+    if nt is not None:
+        assert nt.key.shape[1:] == (num_kv_heads, head_dim) and nt.value.shape == nt.key.shape, "bad new key/value"
+        assert nt.key.stride(2) == 1 and nt.value.stride(2) == 1, "new key/value need a contiguous last dim"
+        assert nt.key.shape[0] == q.shape[0] and nt.positions.shape == nt.slot_mapping.shape == (q.shape[0],)
+        assert nt.cos_sin_cache.shape[1] == head_dim and nt.cos_sin_cache.stride(1) == 1, "bad cos_sin_cache"
+
     # fp32 inputs: plain fp32 products (tl.dot would otherwise round them to TF32 on tensor cores).
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    unused = seq_lens  # a placeholder for the pointers a variant does not read
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, workspace.acc, workspace.stats, tickets, out,
-        q_rows if has_rows else seq_lens, out_rows if has_rows else seq_lens,
+        q_rows if has_rows else unused, out_rows if has_rows else unused,
+        *((nt.key, nt.value, nt.positions, nt.cos_sin_cache, nt.slot_mapping) if nt is not None else (unused,) * 5),
         scale * _LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(),
         *workspace.acc.stride(), *workspace.stats.stride(), *out.stride(),
+        *((nt.key.stride(0), nt.key.stride(1), nt.value.stride(0), nt.value.stride(1), nt.cos_sin_cache.stride(0))
+          if nt is not None else (0,) * 5),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
         # One compiled variant for every split count the heuristic picks.
-        SPLIT_PAD=max(MAX_SPLITS, triton.next_power_of_2(num_splits)), HAS_ROWS=has_rows, num_warps=4,
+        SPLIT_PAD=max(MAX_SPLITS, triton.next_power_of_2(num_splits)), HAS_ROWS=has_rows, ROTARY=nt is not None,
+        num_warps=4,
     )
     return out

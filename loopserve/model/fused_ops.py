@@ -380,7 +380,7 @@ def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
     _rotary_launch(q, k, positions, cos_sin_cache, None)
 
 
-def _store_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+def rotary_store_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> str | None:
     problem = _rotary_problem(q, k, positions, cos_sin_cache) or _dtype_problem(v, key_cache, value_cache)
@@ -404,7 +404,7 @@ def rotary_qk_store_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     """Rotary in place on q [T, Hq, D] and k [T, Hkv, D], and the new tokens' rotated k and v written to
     the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [T]: one launch for what is
     otherwise a rotary kernel and two cache writes in every layer of every step."""
-    problem = _store_problem(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
+    problem = rotary_store_problem(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
     if not _use_triton(q, use_triton, problem):
         rotary_qk_store_kv_torch_(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
         return

@@ -140,9 +140,9 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         cache = batch.kv_caches[self.layer_idx]
-        # Rotary in place (q and k are this step's own tensors), then k and v into the cache: one kernel on GPU.
-        batch.backend.store_rotated(q, k, v, positions, rotary.cos_sin_cache, cache, batch.meta)
-        o = batch.backend.attend(q, k, v, cache, batch.meta, self.scale)
+        # Rotary, the cache write of k and v, attention: q and k are this step's own tensors (the backend
+        # may rotate them in place). One or two kernels on GPU.
+        o = batch.backend.rotary_attend(q, k, v, positions, rotary.cos_sin_cache, cache, batch.meta, self.scale)
         return o.reshape(t, self.q_size)
 
 

@@ -55,13 +55,14 @@ CHILD = textwrap.dedent('''
                            SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64,
                            HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
-    for rows in (False, True):
-        build(f"decode-rows{int(rows)}", td._decode_kernel,
+    for rows, rotary in ((False, False), (True, False), (False, True)):
+        build(f"decode-rows{int(rows)}-rotary{int(rotary)}", td._decode_kernel,
               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
                "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
-               "q_rows_ptr": "*i64", "out_rows_ptr": "*i64"},
+               "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
+               "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
               dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
-                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows),
+                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary),
               floats=("qk_scale",), num_warps=4)
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4)

@@ -13,10 +13,12 @@ pytest.importorskip("triton", reason="triton is not installed: these kernels can
 from loopserve.attention.triton_decode import (
     BLOCK_N,
     MAX_SPLITS,
+    NewTokens,
     choose_num_splits,
     decode_workspace,
     paged_decode_attention,
 )
+from loopserve.model.fused_ops import rotary_qk_store_kv_torch_
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -167,6 +169,45 @@ def test_row_maps_attend_in_place(splits):
     torch.testing.assert_close(out[out_rows], reference(q, k, v, tables, lens_t, 0.3), atol=1e-4, rtol=0)
     untouched = [r for r in range(10) if r not in out_rows.tolist()]
     assert (out[untouched] == 7.0).all()
+
+
+@pytest.mark.parametrize("splits", [1, 3, "many"], ids=lambda s: f"splits{s}")
+# bf16 only on a GPU: Triton's CPU interpreter computes bf16 tl.dot wrongly (the plain kernel too).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=cuda_only)],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 1)])
+def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits):
+    """With new_tokens the kernel rotates q, writes the rotated key and the value at each sequence's
+    slot and attends over them: the same cache and output as fused_ops' rotary + KV write followed by
+    the plain decode call. The new tokens' slots hold stale values before, so a program that read its
+    slot before writing it would be caught."""
+    from loopserve.model.llama import RotaryEmbedding
+
+    d, bs = 32, 4
+    lens = [70, 1, 33, 64]
+    q, k_cache, v_cache, tables, lens_t = make_case(lens, hq, hkv, d, bs, dtype, 3)
+    gen = torch.Generator().manual_seed(8)
+    k_new = torch.randn(len(lens), hkv, d, generator=gen).to(DEVICE, dtype)
+    v_new = torch.randn(len(lens), hkv, d, generator=gen).to(DEVICE, dtype)
+    positions = lens_t.long() - 1
+    slots = torch.stack([tables[b, p // bs] * bs + p % bs for b, p in enumerate(positions.tolist())])
+    with torch.device(DEVICE):
+        cos_sin = RotaryEmbedding(d, 128, 10000.0, None).cos_sin_cache
+    if splits == "many":
+        splits = tables.shape[1] + 2
+
+    ref_q, ref_k, ref_kc, ref_vc = q.clone(), k_new.clone(), k_cache.clone(), v_cache.clone()
+    rotary_qk_store_kv_torch_(ref_q, ref_k, v_new, positions, cos_sin, ref_kc, ref_vc, slots)
+    want = paged_decode_attention(ref_q, ref_kc, ref_vc, tables, lens_t, d ** -0.5, num_splits=splits)
+
+    q_before = q.clone()
+    got = paged_decode_attention(q, k_cache, v_cache, tables, lens_t, d ** -0.5, num_splits=splits,
+                                 new_tokens=NewTokens(k_new, v_new, positions, cos_sin, slots))
+    assert torch.equal(q, q_before)  # q itself is not rotated in place
+    flat = lambda c: c.flatten(0, 1)  # noqa: E731
+    torch.testing.assert_close(flat(k_cache)[slots], flat(ref_kc)[slots], atol=ATOL[dtype], rtol=0)
+    assert torch.equal(flat(v_cache)[slots], flat(ref_vc)[slots])
+    torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
 
 
 def test_empty_sequence_gives_zeros_not_nan():
