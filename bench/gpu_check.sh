@@ -27,18 +27,18 @@ timeout 150 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/mod
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
 g 100 engine --config $B8
-g 60 engine --config $B8 --fused-decode-gemv --long-prompt-len 0
+g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 135M"
 g 60 engine --config $B135
-g 40 engine --config $B135 --fused-decode-gemv --long-prompt-len 0
+g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
 g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 70 throughput --config $B8 --workload sharegpt --seconds 20
 g 70 throughput --config $B8 --workload random1000 --seconds 20
 echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
 timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
-timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv --long-len 1024 --out "$out" 2>&1 \
+timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
   | tail -1 | cut -c1-300
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
@@ -54,14 +54,15 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
     if r["mode"].startswith("profile_"):
         top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
-        print(r["config"], r["mode"], "fused_gemv" if r.get("fused_decode_gemv") else "",
+        print(r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
               f'wall={r["wall_ms_per_step"]:.3f} ms/step',
               f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top)
         continue
     keys = [k for k in ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "batch", "ms_per_step", "decode_tok_s",
                         "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
-                        "ttft_long_cached_plus_256_s", "startup_s") if r.get(k) is not None]
+                        "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes")
+            if r.get(k) is not None]
     print(r["config"], r["mode"], " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
                                         for k in keys))
 PY

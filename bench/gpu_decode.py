@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.config import FUSED_DECODE_GEMV_MODES, CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.model import load_model_config
 
 
@@ -88,7 +88,7 @@ def floor(cfg, batch: int) -> dict:
 
 
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
-          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: bool = False):
+          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto"):
     from loopserve.engine.core import EngineCore
 
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
@@ -101,7 +101,7 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
 
 
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
-           eager: bool, overlap: bool | None = None, fused_gemv: bool = False) -> dict:
+           eager: bool, overlap: bool | None = None, fused_gemv: str = "auto") -> dict:
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
@@ -158,6 +158,9 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     tok_s = statistics.median(overlap_tok_s)
     return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
             "overlap": overlap, "fused_decode_gemv": fused_gemv,
+            # "auto": each small decode graph's startup timing, {batch: [ms cuBLAS, ms fused]}, and the winners
+            "fused_gemv_timings": getattr(core.runner.graphs, "fused_timings", None) or None,
+            "fused_gemv_sizes": getattr(core.runner.graphs, "fused_sizes", None),
             "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
             "ttft_first_shape_s": first_ttft,
@@ -243,7 +246,8 @@ def main(argv=None) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
                     help="default: the engine's (on for CUDA); engine mode also times batch-1 decode without it")
-    ap.add_argument("--fused-decode-gemv", action="store_true", help="engine mode: EngineConfig.fused_decode_gemv")
+    ap.add_argument("--fused-decode-gemv", choices=FUSED_DECODE_GEMV_MODES, default="auto",
+                    help="engine mode: EngineConfig.fused_decode_gemv")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)

@@ -23,7 +23,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.gpu_decode import dummy_model_dir, emit
-from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.config import FUSED_DECODE_GEMV_MODES, CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.engine.core import EngineCore, EngineRequest
 from loopserve.sampling_params import SamplingParams
 
@@ -71,7 +71,7 @@ def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, b
 
 
 def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int,
-        decode_only: bool = False, fused_gemv: bool = False) -> list[dict]:
+        decode_only: bool = False, fused_gemv: str = "auto") -> list[dict]:
     folder = dummy_model_dir(config)
     dtype = "bf16" if device.startswith("cuda") else "fp32"
     kv_bytes = 8 << 30 if device.startswith("cuda") else 1 << 30
@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--decode-only", action="store_true", help="only the batch-1 decode phase")
-    ap.add_argument("--fused-decode-gemv", action="store_true", help="EngineConfig.fused_decode_gemv")
+    ap.add_argument("--fused-decode-gemv", choices=FUSED_DECODE_GEMV_MODES, default="auto",
+                    help="EngineConfig.fused_decode_gemv")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     for res in run(args.config, args.device, args.long_len, args.prefill_len, args.batch, args.top,

@@ -244,13 +244,22 @@ class EngineConfig:
     # None: on for CUDA devices (off on CPU, whose forward does not run asynchronously); always off
     # with speculative decoding.
     overlap_scheduling: bool | None = None
-    # Experimental, off: forwards of up to MAX_GEMV_ROWS tokens (batch 1-4 decode) run each layer as five
-    # Triton GEMVs with the RMSNorms, the SiLU-mul and the residual adds fused in (model/gemv.py) instead
-    # of cuBLAS plus five small kernels. Untuned it measured slower on an H200 (8B batch-1 decode 7.36
-    # against 4.65 ms a step, 135M 1.10 against 0.95: its GEMV streams 2.1 TB/s where cuBLAS does 3.7),
-    # so it stays a benchmarking switch (bench/gpu_decode.py --fused-decode-gemv) until tuned.
-    # Needs Triton; on CPU it runs in the interpreter (tests only).
-    fused_decode_gemv: bool = False
+    # Forwards of up to MAX_GEMV_ROWS tokens (batch 1-4 decode) can run each layer as four Triton GEMVs
+    # with the RMSNorms, the SiLU-mul and the residual adds fused in (model/gemv.py) instead of cuBLAS and
+    # small kernels. "auto": each CUDA-graph decode batch size up to MAX_GEMV_ROWS is captured both ways
+    # and timed at startup, and the faster graph kept (eager forwards follow the choice of the sizes from
+    # 1 up); without CUDA graphs, off. "on" / "off": always / never. On CPU "on" needs Triton's
+    # interpreter (tests only). The first GEMV (H200, sixth session) ran at 2.1 TB/s against cuBLAS's
+    # 3.7; "auto" keeps whichever is faster on the card at hand.
+    fused_decode_gemv: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.fused_decode_gemv not in FUSED_DECODE_GEMV_MODES:
+            raise ValueError(f"fused_decode_gemv must be one of {', '.join(FUSED_DECODE_GEMV_MODES)}, "
+                             f"got {self.fused_decode_gemv!r}")
+
+
+FUSED_DECODE_GEMV_MODES = ("auto", "on", "off")
 
 
 # Batch sizes captured as CUDA graphs for decode steps; a batch runs in the smallest graph that fits it

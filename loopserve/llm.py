@@ -41,7 +41,7 @@ class LLM:
                  host_kv_cache_bytes: int | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False,
-                 overlap_scheduling: bool | None = None, fused_decode_gemv: bool = False) -> None:
+                 overlap_scheduling: bool | None = None, fused_decode_gemv: str = "auto") -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(

@@ -144,13 +144,15 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
-        if config.fused_decode_gemv:
-            from loopserve.model.gemv import HAS_TRITON, MAX_GEMV_ROWS
+        from loopserve.model.gemv import HAS_TRITON, MAX_GEMV_ROWS
+        if config.fused_decode_gemv == "on":
             if not HAS_TRITON:
                 raise ValueError("fused_decode_gemv needs triton, which is not installed")
             if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise ValueError("fused_decode_gemv needs a CUDA device (or Triton's interpreter, for tests)")
             self.model.fused_gemv_rows = MAX_GEMV_ROWS  # before the runner captures its graphs
+        # "auto": the runner's decode graphs time both ways (only with graphs, i.e. on CUDA).
+        choose_fused_rows = MAX_GEMV_ROWS if config.fused_decode_gemv == "auto" and HAS_TRITON else 0
         graph_sizes = [] if config.enforce_eager else [
             b for b in DEFAULT_CUDA_GRAPH_BATCH_SIZES if b < sched_cfg.max_num_seqs] + [sched_cfg.max_num_seqs]
         self.runner = ModelRunner(self.model, self.model_config, num_blocks, cache.block_size,
@@ -158,7 +160,8 @@ class EngineCore:
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len,
                                   num_host_blocks=num_host_blocks,
                                   prefill_graph_tokens=[] if config.enforce_eager else _prefill_graph_tokens(sched_cfg),
-                                  prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs))
+                                  prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs),
+                                  choose_fused_gemv_rows=choose_fused_rows)
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None

@@ -12,7 +12,9 @@ SiLU(gate) * up, rounded at the same points as the separate ops (fused_ops), so 
 the same values as the unfused one up to the GEMV's summation order.
 
 Grid: one program per BLOCK_N output features, every batch row at once, so the weight tile is read
-once for the whole batch. Memory-bound by design: BLOCK_M is at most 4 rows.
+once for the whole batch. Memory-bound by design: BLOCK_M is at most 4 rows. A program's latency is
+what a small model's step is made of, so each does few dependent round trips: the RMSNorm pre-pass
+reads a row in one load, and wide K tiles cover a small model's K in one or two iterations.
 """
 from __future__ import annotations
 
@@ -43,43 +45,51 @@ if HAS_TRITON:
     def _gemv_kernel(X, W, BIAS, RES, NW, Y, M, N, K, eps,
                      stride_xm, stride_wn, stride_rm, stride_ym,
                      NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM_BLOCK: tl.constexpr):
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
         w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
         act = Y.dtype.element_ty
         if NORM:
+            # The rows' sums of squares, NORM_BLOCK (>= K up to 8,192) at a time: one round trip to
+            # L2 for a hidden size up to that, instead of a loop of dependent small loads.
+            offs_nb = tl.arange(0, NORM_BLOCK)
             ss = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + offs_k
-                xv = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                kk = k0 + offs_nb
+                xv = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xv * xv, 1)
             inv_rms = 1.0 / tl.sqrt(ss / K + eps)
-        # Products accumulate per K lane and are reduced once at the end: a reduction across threads in
-        # every iteration would cost more than the loads it waits on.
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            if SILU:
-                # x holds [gate | up], 2K wide.
-                g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
-            else:
-                xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-                    xv = (xv * inv_rms[:, None]).to(act).to(tl.float32)
-                    xv = (xv * nw[None, :]).to(act).to(tl.float32)
+            # The weight tile is loaded once and serves every row; each row's product is reduced over
+            # K right away, so no [M, N, K] accumulator holds registers across iterations.
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc3 += xv[:, None, :] * w[None, :, :]
-        acc = tl.sum(acc3, axis=2)
+            if NORM:
+                nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                x_row = X + m * stride_xm
+                row_ok = k_ok & (offs_k * 0 + m < M)
+                if SILU:
+                    # x holds [gate | up], 2K wide.
+                    g = tl.load(x_row + k, mask=row_ok, other=0.0).to(tl.float32)
+                    u = tl.load(x_row + K + k, mask=row_ok, other=0.0).to(tl.float32)
+                    xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
+                else:
+                    xv = tl.load(x_row + k, mask=row_ok, other=0.0).to(tl.float32)
+                    if NORM:
+                        inv_m = tl.sum(tl.where(offs_m == m, inv_rms, 0.0), 0)
+                        xv = (xv * inv_m).to(act).to(tl.float32)
+                        xv = (xv * nw).to(act).to(tl.float32)
+                part = tl.sum(w * xv[None, :], 1)
+                acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(act)
@@ -107,10 +117,16 @@ def _config(m: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if device.type != "cuda":
         return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
-    # The [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator lives in registers: 64 values per thread at 4 warps
-    # (BLOCK_M is 2 for one row: no size-1 aranges).
-    block_k = 256 if m <= 2 else 128
-    return 16, min(block_k, triton.next_power_of_2(k)), 4, 4
+    # Wide K tiles put ~N x 2 KB of weights in flight per iteration across the grid (a few MB, the
+    # bandwidth-delay product of HBM3) without relying on the loop being pipelined, and finish a small
+    # model's layers (K ~ 576-1536) in one or two iterations. 16 x 1024 fp32 products are 64 registers
+    # a thread at 8 warps. Not yet measured: bench/gpu_diag.py --gemv sweeps these against cuBLAS.
+    block_k = min(1024, triton.next_power_of_2(k))
+    return 16, block_k, 8 if block_k >= 512 else 4, 2
+
+
+# The largest row chunk the RMSNorm pre-pass loads at once (fp32 registers: BLOCK_M x this / threads).
+_MAX_NORM_BLOCK = 8192
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -139,7 +155,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         NORM=norm_weight is not None, SILU=silu_mul, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+        NORM_BLOCK=min(triton.next_power_of_2(k), _MAX_NORM_BLOCK), num_warps=num_warps, num_stages=num_stages,
     )
     return y

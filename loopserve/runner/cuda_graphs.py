@@ -12,11 +12,14 @@ graph (Triton kernels, no host synchronisation); sampling runs after the replay,
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.runner.host_copy import to_device
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -40,10 +43,49 @@ def _capture_all(graphs: dict, forwards: list) -> None:
     torch.cuda.synchronize()
 
 
+def pick_fused_sizes(timings: dict[int, tuple[float, float]]) -> tuple[list[int], int]:
+    """From {batch size: (ms cuBLAS, ms fused GEMV)}: the sizes whose fused graph is faster, and the
+    most tokens an eager forward may take through the fused layers (every timed size up to it chose
+    them; 0 if size 1 did not)."""
+    sizes = sorted(b for b, (plain, fused) in timings.items() if fused < plain)
+    eager_rows = 0
+    for b in sorted(timings):
+        if b not in sizes:
+            break
+        eager_rows = b
+    return sizes, eager_rows
+
+
+def _replay_ms(a: torch.cuda.CUDAGraph, b: torch.cuda.CUDAGraph, rounds: int = 3, reps: int = 10
+               ) -> tuple[float, float]:
+    """Milliseconds a replay of graph a and of graph b: in alternating rounds (drifting clocks and a
+    noisy neighbour weigh on both alike), the best round of each."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, graph in enumerate((a, b)):
+            graph.replay()  # warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            best[i] = min(best[i], start.elapsed_time(end) / reps)
+    return best[0], best[1]
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], backend, batch_sizes: list[int],
-                 max_blocks_per_seq: int, scratch_block: int, device: torch.device) -> None:
+                 max_blocks_per_seq: int, scratch_block: int, device: torch.device,
+                 choose_fused_gemv_rows: int = 0) -> None:
+        """choose_fused_gemv_rows: sizes up to this are captured with and without the model's fused GEMV
+        layers, and the faster graph kept (EngineConfig.fused_decode_gemv "auto"); 0 captures each size
+        as the model stands."""
         self.model = model
+        self.choose_fused_rows = choose_fused_gemv_rows
+        # {batch size: (ms cuBLAS, ms fused GEMV)} for the sizes timed both ways, and the sizes that chose fused.
+        self.fused_timings: dict[int, tuple[float, float]] = {}
+        self.fused_sizes: list[int] = []
         self.kv_caches = kv_caches
         self.backend = backend
         self.sizes = sorted(set(batch_sizes))
@@ -74,7 +116,25 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Capture every size, largest first, all in one memory pool (the largest sets its size)."""
+        if not self.choose_fused_rows:
+            _capture_all(self.graphs, [(b, functools.partial(self._forward, b)) for b in reversed(self.sizes)])
+            return
+        self.model.fused_gemv_rows = 0
         _capture_all(self.graphs, [(b, functools.partial(self._forward, b)) for b in reversed(self.sizes)])
+        small = [b for b in self.sizes if b <= self.choose_fused_rows]
+        fused: dict = {}
+        self.model.fused_gemv_rows = self.choose_fused_rows
+        try:
+            _capture_all(fused, [(b, functools.partial(self._forward, b)) for b in reversed(small)])
+        except (RuntimeError, ValueError) as e:  # the GEMV cannot take this model: keep cuBLAS
+            log.warning("fused GEMV decode graphs not captured, cuBLAS kept: %s", e)
+            fused = {}
+        self.fused_timings = {b: _replay_ms(self.graphs[b][0], fused[b][0]) for b in small if fused}
+        self.fused_sizes, self.model.fused_gemv_rows = pick_fused_sizes(self.fused_timings)
+        for b in self.fused_sizes:
+            self.graphs[b] = fused[b]
+        log.info("decode graphs, fused GEMV against cuBLAS (ms a replay): %s; fused at sizes %s",
+                 {b: tuple(round(t, 3) for t in ts) for b, ts in self.fused_timings.items()}, self.fused_sizes)
 
     def fits(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.max_batch and max_blocks <= self.block_tables.shape[1]

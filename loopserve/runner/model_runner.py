@@ -72,7 +72,7 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
                  num_host_blocks: int = 0, prefill_graph_tokens: list[int] | None = None,
-                 prefill_graph_max_seqs: int = 0) -> None:
+                 prefill_graph_max_seqs: int = 0, choose_fused_gemv_rows: int = 0) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
@@ -101,7 +101,8 @@ class ModelRunner:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
             self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
-                                       scratch_block=num_blocks, device=device)
+                                       scratch_block=num_blocks, device=device,
+                                       choose_fused_gemv_rows=choose_fused_gemv_rows)
             self.graphs.capture()
             if prefill_graph_tokens and prefill_graph_max_seqs:
                 self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.backend, prefill_graph_tokens,

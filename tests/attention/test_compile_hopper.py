@@ -67,10 +67,12 @@ CHILD = textwrap.dedent('''
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4)
     for prologue in ("none", "norm", "silu"):
-        build(f"gemv-{prologue}", gemv._gemv_kernel, dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
-              dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
-                   BLOCK_M=2, BLOCK_N=16, BLOCK_K=256),
-              floats=("eps",), num_warps=4, num_stages=4)
+        for rows in (1, 4):
+            build(f"gemv-{prologue}-m{rows}", gemv._gemv_kernel,
+                  dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
+                  dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
+                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=1024, NORM_BLOCK=4096),
+                  floats=("eps",), num_warps=8, num_stages=2)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
           dict(HAS_RESIDUAL=True, BLOCK=4096), floats=("eps",), num_warps=16)

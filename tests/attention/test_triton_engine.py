@@ -40,7 +40,8 @@ def test_cuda_graph_decode_equals_eager(make_llm):
     prompts = _prompts()
     for n in (1, 3, 5):  # 3 and 5 replay padded graphs (sizes 4 and 8)
         eager = make_llm(enforce_eager=True).generate(prompts[:n], params)
-        graphed_llm = make_llm(enforce_eager=False, max_num_seqs=8)
+        # cuBLAS in both: the fused GEMV sums in another order (test_fused_gemv_auto_keeps_the_faster_graph).
+        graphed_llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off")
         assert graphed_llm.engine.runner.graphs is not None
         graphed = graphed_llm.generate(prompts[:n], params)
         assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
@@ -88,9 +89,42 @@ def test_cuda_graph_prefill_equals_eager(make_llm):
     """Captured prefill graphs (prefills, prefix-cache extends, chunked and mixed steps) against eager."""
     for kw in (dict(max_num_batched_tokens=24), dict()):
         eager = [_run(make_llm(enforce_eager=True, **kw), staggered=s) for s in (False, True)]
-        llm = make_llm(enforce_eager=False, max_num_seqs=8, **kw)
+        llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off", **kw)
         assert llm.engine.runner.prefill_graphs is not None and llm.engine.runner.prefill_graphs.graphs
         assert [_run(llm, staggered=s) for s in (False, True)] == eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fused_gemv_auto_keeps_the_faster_graph(make_llm):
+    """fused_decode_gemv="auto": every decode graph size up to MAX_GEMV_ROWS is timed both ways, the
+    faster kept, eager forwards follow; the engine then decodes through whichever graphs won."""
+    from loopserve.model.gemv import MAX_GEMV_ROWS
+    from loopserve.runner.cuda_graphs import pick_fused_sizes
+
+    llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="auto")
+    graphs = llm.engine.runner.graphs
+    assert set(graphs.fused_timings) == {b for b in graphs.sizes if b <= MAX_GEMV_ROWS}
+    assert all(ms > 0 for pair in graphs.fused_timings.values() for ms in pair)
+    assert (graphs.fused_sizes, llm.engine.model.fused_gemv_rows) == pick_fused_sizes(graphs.fused_timings)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in llm.generate(_prompts()[:3], params))
+
+
+def test_pick_fused_sizes():
+    from loopserve.runner.cuda_graphs import pick_fused_sizes
+
+    assert pick_fused_sizes({}) == ([], 0)
+    assert pick_fused_sizes({1: (1.0, 0.8), 2: (1.1, 0.9), 4: (1.2, 1.0)}) == ([1, 2, 4], 4)
+    # Eager forwards take the fused layers only up to the first size that did not choose them.
+    assert pick_fused_sizes({1: (1.0, 0.8), 2: (1.1, 1.2), 4: (1.2, 1.0)}) == ([1, 4], 1)
+    assert pick_fused_sizes({1: (1.0, 1.0), 2: (1.1, 0.9)}) == ([2], 0)  # a tie keeps cuBLAS
+
+
+def test_fused_decode_gemv_modes():
+    from loopserve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="fused_decode_gemv must be one of auto, on, off"):
+        EngineConfig(fused_decode_gemv=True)
 
 
 def test_prefill_graph_ladder_stops_at_the_token_budget():

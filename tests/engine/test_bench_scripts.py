@@ -32,9 +32,9 @@ def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
 
     out = tmp_path / "gpu.jsonl"
     gpu_decode.main(["engine", "--config", str(tiny_llama / "config.json"), "--device", "cpu", "--prompt-len", "8",
-                     "--output-len", "4", "--long-prompt-len", "0", "--fused-decode-gemv", "--out", str(out)])
+                     "--output-len", "4", "--long-prompt-len", "0", "--fused-decode-gemv", "on", "--out", str(out)])
     row = json.loads(out.read_text().splitlines()[-1])
-    assert row["fused_decode_gemv"] is True and row["decode_tok_s"] > 0 and row["ttft_long_cold_s"] is None
+    assert row["fused_decode_gemv"] == "on" and row["decode_tok_s"] > 0 and row["ttft_long_cold_s"] is None
 
 
 def test_gpu_profile_phases(tiny_llama, tmp_path):

@@ -39,6 +39,14 @@ def test_matches_separate_ops(kind, m, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ATOL[dtype])
 
 
+def test_norm_over_a_row_wider_than_one_pre_pass_load():
+    """The RMSNorm pre-pass loads up to 8,192 columns at once; wider rows take several loads."""
+    x, w, gen = _inputs(2, 8, 9000, torch.float32, False, seed=9)
+    nw = (1 + 0.1 * torch.randn(9000, generator=gen)).to(DEVICE)
+    got = fused_gemv(x, w, norm_weight=nw, eps=1e-6, config=(8, 2048, 1, 1))
+    torch.testing.assert_close(got, gemv_torch(x, w, norm_weight=nw, eps=1e-6), atol=1e-4, rtol=1e-4)
+
+
 def test_explicit_tile_config():
     x, w, _ = _inputs(3, 40, 96, torch.float32, False, seed=5)
     got = fused_gemv(x, w, config=(16, 64, 1, 1))  # BLOCK_K above K's remainder: masked tail
@@ -81,7 +89,7 @@ def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
 
     calls = []
     monkeypatch.setattr(llama, "fused_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or fused_gemv(x, *a, **kw))
-    llm = make_llm(enforce_eager=True, fused_decode_gemv=True)
+    llm = make_llm(enforce_eager=True, fused_decode_gemv="on")
     assert llm.engine.model.fused_gemv_rows == MAX_GEMV_ROWS
     got = llm.generate(prompts, params)
     # A lone 3-token prompt: its prefill (3 rows) and its decode steps (1 row) take the fused layers too.
