@@ -251,6 +251,12 @@ class KVCacheManager:
         self._ids: dict[str, list[int]] = {}  # block_ids() of each table, as of its last call
         self._copy_sources: list[KVBlock] = []  # COW donors referenced until their copy has run
         self.stats = PrefixCacheStats()
+        # Digests of recently hashed blocks by their exact (parent, token ids, salt). An agent's next turn
+        # re-sends the whole conversation, and blake2b over each block again cost ~1.9 ms per 8k tokens
+        # on the dev VM, against ~0.2 ms for dict hits. A dict compares whole keys, so a hit is exactly
+        # the digest hash_block would compute. Bounded by the pool's size (cleared when it outgrows it).
+        self._digests: dict[tuple, BlockHash] = {}
+        self._max_digests = max(num_blocks, 1024)
 
     @property
     def num_blocks(self) -> int:
@@ -282,10 +288,16 @@ class KVCacheManager:
         bs = self.block_size
         hashes = request.block_hashes
         tokens = request.all_token_ids
+        digests = self._digests
         for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[i - 1] if i else None
-            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]),
-                                     request.cache_salt if i == 0 else None))
+            key = (hashes[i - 1] if i else None, tuple(tokens[i * bs:(i + 1) * bs]),
+                   request.cache_salt if i == 0 else None)
+            digest = digests.get(key)
+            if digest is None:
+                if len(digests) >= self._max_digests:
+                    digests.clear()
+                digest = digests[key] = hash_block(*key)
+            hashes.append(digest)
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of cached full blocks at the start of the request's tokens.

@@ -171,3 +171,36 @@ def test_block_ids_follow_growth_truncation_and_free():
     kv.free(req)
     assert kv.block_ids("a") == [] and pool_whole(kv)
     assert not kv.allocate(req, 16 * BS + 1) and kv.block_ids("a") == []  # too big: nothing held
+
+
+def test_block_digests_are_memoised_exactly_and_bounded():
+    """A later turn re-sending the conversation reuses the earlier turn's block digests (no blake2b),
+    and they are exactly hash_block's; the memo never outgrows the pool."""
+    from loopserve.engine import kv_cache
+
+    kv = KVCacheManager(1024, BS)
+    first = make_req("a", list(range(40)), salt="s")
+    kv.find_cached_prefix(first)
+    calls = []
+    real = kv_cache.hash_block
+    kv_cache.hash_block = lambda *a: calls.append(a) or real(*a)
+    try:
+        # The first turn hashed 9 blocks (its last token is never served from cache): 3 more now.
+        later = make_req("b", list(range(40)) + [7] * 9, salt="s")
+        kv.find_cached_prefix(later)
+    finally:
+        kv_cache.hash_block = real
+    assert len(calls) == 3
+    parent, want = None, []
+    for i in range(12):
+        parent = real(parent, tuple(later.all_token_ids[i * BS:(i + 1) * BS]), "s" if i == 0 else None)
+        want.append(parent)
+    assert later.block_hashes == want
+    other_salt = make_req("c", list(range(40)), salt="t")
+    kv.find_cached_prefix(other_salt)
+    assert other_salt.block_hashes[0] != first.block_hashes[0]
+
+    small = KVCacheManager(4, BS)
+    for i in range(5):
+        small.find_cached_prefix(make_req(f"r{i}", list(range(i * 1000, i * 1000 + 4 * 400))))
+        assert len(small._digests) <= small._max_digests
