@@ -8,6 +8,11 @@ is sampled greedily), B decoding requests at a time, and reports the host time p
 size, synchronous and overlapped, so it can be set against the device step times in docs/PERF.md.
 
   python -m bench.host_overhead --batch 1 16 64 256 --out bench/results/host-overhead.json
+
+--prefix-turn N instead times an agent turn's host work: a request whose first N tokens are cached plus
+256 new ones, from add_request until its first token (admission, prefix lookup, scheduling, the step's
+inputs, sampling), with the block-digest memo warm (an earlier turn sent the same prefix) and cleared
+(every block hashed again, the cost before the memo), alternating, median of --rounds each.
 """
 from __future__ import annotations
 
@@ -69,6 +74,32 @@ def measure(core: EngineCore, batch: int, prompt_len: int, steps: int, rounds: i
     return per_round
 
 
+def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
+    """Host ms from add_request to the first token of prefix_len cached + 256 new tokens."""
+    core = make_core(config, 1, False, prefix_len + 512)
+    prefix = [100 + (j * 7) % 900 for j in range(prefix_len)]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def turn(rid: str, new: list[int]) -> float:
+        t0 = time.perf_counter()
+        core.add_request(EngineRequest(rid, prefix + new, params))
+        while core.has_unfinished():
+            core.step()
+        return time.perf_counter() - t0
+
+    turn("cache-the-prefix", [5] * 256)
+    times: dict[str, list[float]] = {"warm": [], "cold": []}
+    for r in range(rounds):
+        for mode in ("warm", "cold"):
+            if mode == "cold":
+                core.kv._digests.clear()
+            times[mode].append(turn(f"{mode}{r}", [200 + (r * 31 + j) % 700 for j in range(256)]))
+    assert core.kv.stats.hit_tokens >= prefix_len  # the turns did hit the cached prefix
+    return {"prefix_len": prefix_len, "new_tokens": 256,
+            "turn_ms_memo_warm": statistics.median(times["warm"]) * 1e3,
+            "turn_ms_memo_cleared": statistics.median(times["cold"]) * 1e3}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=Path(__file__).parent / "configs" / "smollm2-135m.json")
@@ -76,9 +107,18 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefix-turn", type=int, metavar="N", help="time a turn over N cached tokens instead")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.prefix_turn:
+        result = {"bench": "host_overhead_prefix_turn", "config": args.config.name, "rounds": args.rounds,
+                  "python": platform.python_version(), "machine": platform.machine(),
+                  **prefix_turn(args.config, args.prefix_turn, args.rounds)}
+        print(json.dumps(result), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     rows = []
     for batch in args.batch:
         row = {"batch": batch}

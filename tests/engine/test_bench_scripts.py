@@ -16,6 +16,16 @@ def test_host_overhead_reports_both_modes(tiny_llama, tmp_path):
     assert all(r["sync_ms_per_step"] > 0 and r["overlap_ms_per_step"] > 0 for r in rows)
 
 
+def test_host_overhead_prefix_turn(tiny_llama, tmp_path):
+    from bench import host_overhead
+
+    out = tmp_path / "turn.json"
+    host_overhead.main(["--config", str(tiny_llama / "config.json"), "--prefix-turn", "64", "--rounds", "1",
+                        "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["prefix_len"] == 64 and row["turn_ms_memo_warm"] > 0 and row["turn_ms_memo_cleared"] > 0
+
+
 def test_gpu_decode_engine_times_decode_with_and_without_overlap(tiny_llama, tmp_path):
     from bench import gpu_decode
 
