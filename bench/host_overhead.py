@@ -77,7 +77,8 @@ def measure(core: EngineCore, batch: int, prompt_len: int, steps: int, rounds: i
 def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
     """Host ms from add_request to the first token of prefix_len cached + 256 new tokens."""
     core = make_core(config, 1, False, prefix_len + 512)
-    prefix = [100 + (j * 7) % 900 for j in range(prefix_len)]
+    vocab = core.model_config.vocab_size
+    prefix = [1 + (j * 7) % (vocab - 2) for j in range(prefix_len)]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
     def turn(rid: str, new: list[int]) -> float:
@@ -93,7 +94,7 @@ def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
         for mode in ("warm", "cold"):
             if mode == "cold":
                 core.kv._digests.clear()
-            times[mode].append(turn(f"{mode}{r}", [200 + (r * 31 + j) % 700 for j in range(256)]))
+            times[mode].append(turn(f"{mode}{r}", [1 + (r * 31 + j * 3) % (vocab - 2) for j in range(256)]))
     assert core.kv.stats.hit_tokens >= prefix_len  # the turns did hit the cached prefix
     return {"prefix_len": prefix_len, "new_tokens": 256,
             "turn_ms_memo_warm": statistics.median(times["warm"]) * 1e3,
