@@ -189,8 +189,8 @@ def gemv_configs(device: str, rows: int) -> list[dict]:
         gb = n * k * 2 / 1e9
         ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=40)
         row = {"shape": name, "cublas_gb_s": round(gb / ms * 1e3, 1), "triton": []}
-        for cfg in ((16, 256, 4, 4), (8, 512, 4, 4), (32, 128, 4, 4), (16, 512, 8, 3), (64, 128, 8, 3),
-                    (4, 1024, 4, 4), (16, 128, 4, 6)):
+        for cfg in ((16, 512, 8, 2), (16, 256, 4, 4), (8, 512, 4, 4), (32, 256, 8, 3), (16, 1024, 8, 2),
+                    (8, 1024, 8, 2), (4, 1024, 4, 4), (32, 128, 4, 4), (16, 128, 4, 6)):
             try:
                 ms = triton.testing.do_bench(lambda: fused_gemv(x, w, config=cfg), warmup=5, rep=40)
                 row["triton"].append({"config": list(cfg), "gb_s": round(gb / ms * 1e3, 1)})

@@ -65,31 +65,28 @@ if HAS_TRITON:
                              mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xv * xv, 1)
             inv_rms = 1.0 / tl.sqrt(ss / K + eps)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+        # Products accumulate per K lane and are reduced once after the loop: reducing across the
+        # threads (and warps) that share a row in every iteration would put a barrier between the loads.
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            # The weight tile is loaded once and serves every row; each row's product is reduced over
-            # K right away, so no [M, N, K] accumulator holds registers across iterations.
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            if SILU:
+                # x holds [gate | up], 2K wide.
+                g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
+            else:
+                xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                if NORM:
+                    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
+                    xv = (xv * inv_rms[:, None]).to(act).to(tl.float32)
+                    xv = (xv * nw[None, :]).to(act).to(tl.float32)
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            if NORM:
-                nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                x_row = X + m * stride_xm
-                row_ok = k_ok & (offs_k * 0 + m < M)
-                if SILU:
-                    # x holds [gate | up], 2K wide.
-                    g = tl.load(x_row + k, mask=row_ok, other=0.0).to(tl.float32)
-                    u = tl.load(x_row + K + k, mask=row_ok, other=0.0).to(tl.float32)
-                    xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
-                else:
-                    xv = tl.load(x_row + k, mask=row_ok, other=0.0).to(tl.float32)
-                    if NORM:
-                        inv_m = tl.sum(tl.where(offs_m == m, inv_rms, 0.0), 0)
-                        xv = (xv * inv_m).to(act).to(tl.float32)
-                        xv = (xv * nw).to(act).to(tl.float32)
-                part = tl.sum(w * xv[None, :], 1)
-                acc = tl.where(offs_m[:, None] == m, acc + part[None, :], acc)
+            acc3 += xv[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc3, axis=2)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(act)
@@ -117,12 +114,14 @@ def _config(m: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if device.type != "cuda":
         return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
-    # Wide K tiles put ~N x 2 KB of weights in flight per iteration across the grid (a few MB, the
-    # bandwidth-delay product of HBM3) without relying on the loop being pipelined, and finish a small
-    # model's layers (K ~ 576-1536) in one or two iterations. 16 x 1024 fp32 products are 64 registers
-    # a thread at 8 warps. Not yet measured: bench/gpu_diag.py --gemv sweeps these against cuBLAS.
-    block_k = min(1024, triton.next_power_of_2(k))
-    return 16, block_k, 8 if block_k >= 512 else 4, 2
+    # The [BLOCK_M, 16, BLOCK_K] fp32 accumulator is 32 registers a thread at 8 warps: K tiles of 512 at
+    # batch 1, 256 at 2, 128 at 3-4. ptxas (sm_90) puts these kernels at 64-99 registers, two CTAs an SM
+    # (16 x 1024 tiles took 178: one). Across the grid that keeps a few MB of weights in flight per
+    # iteration (HBM3's bandwidth-delay product) without relying on the loop being pipelined. Not yet
+    # measured: bench/gpu_diag.py --gemv sweeps tiles against cuBLAS, and fused_decode_gemv="auto"
+    # keeps cuBLAS wherever it is faster.
+    block_k = min(512 // triton.next_power_of_2(m), triton.next_power_of_2(k))
+    return 16, block_k, 8 if block_k >= 256 else 4, 2
 
 
 # The largest row chunk the RMSNorm pre-pass loads at once (fp32 registers: BLOCK_M x this / threads).

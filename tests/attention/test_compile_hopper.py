@@ -71,7 +71,7 @@ CHILD = textwrap.dedent('''
             build(f"gemv-{prologue}-m{rows}", gemv._gemv_kernel,
                   dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
                   dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
-                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=1024, NORM_BLOCK=4096),
+                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=512 // rows, NORM_BLOCK=4096),
                   floats=("eps",), num_warps=8, num_stages=2)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
