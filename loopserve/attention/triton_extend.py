@@ -243,15 +243,16 @@ def live_programs_of(num_seqs: int, num_q_heads: int, max_query_len: int) -> int
 
 
 def choose_extend_splits(live_programs: int, num_sms: int) -> int:
-    """Splits of each tile's key range: only while most SMs would idle, then about one program per SM
-    (at most MAX_EXTEND_SPLITS). At 256 new tokens over an 8k prefix (128 programs) five splits
-    measured 0.24 ms a layer (merge included) against the sweep's 0.17 ms unsplit on an H200. Why is
-    not established (a program needs ~48 KB of shared memory, so several fit an SM), so splitting is
-    kept to where SMs have nothing to run: a short agent turn (64 new tokens x 32 heads is 32
-    programs) over a long cached prefix."""
+    """Splits of each tile's key range: only while most SMs would idle, then as many as keep the launch
+    to one wave (live x splits <= SMs; at most MAX_EXTEND_SPLITS). With the JIT's specialisations a
+    program with 128-wide key tiles needs ~148 KB of shared memory, so one runs per SM
+    (tests/attention/test_compile_hopper.py): a second wave would run mostly alone. At 256 new tokens
+    over an 8k prefix (128 programs) five splits (640 programs, five waves) measured 0.24 ms a layer
+    against 0.17 ms unsplit on an H200. A short agent turn (64 new tokens x 32 heads, 32 programs) over
+    a long cached prefix splits four ways."""
     if 2 * live_programs >= num_sms:
         return 1
-    return min(MAX_EXTEND_SPLITS, -(-num_sms // max(1, live_programs)))
+    return max(1, min(MAX_EXTEND_SPLITS, num_sms // max(1, live_programs)))
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,

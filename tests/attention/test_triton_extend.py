@@ -166,7 +166,8 @@ def test_split_choice():
     from loopserve.attention.triton_extend import MAX_EXTEND_SPLITS, choose_extend_splits
     assert choose_extend_splits(4096, 132) == 1 and choose_extend_splits(66, 132) == 1
     assert choose_extend_splits(128, 132) == 1                  # 256 new tokens x 32 heads: split was slower
-    assert choose_extend_splits(32, 132) == 5                   # 64 new tokens x 32 heads: 100 SMs idle
+    assert choose_extend_splits(32, 132) == 4                   # 64 new tokens x 32 heads: 100 SMs idle
+    assert choose_extend_splits(40, 132) == 3                   # 120 programs: one wave, not 160 in two
     assert choose_extend_splits(1, 132) == MAX_EXTEND_SPLITS
 
 
