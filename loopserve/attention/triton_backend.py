@@ -97,11 +97,11 @@ class TritonPagedAttention:
                           tables: torch.Tensor):
         """One split-decode workspace per forward: its ticket counters are zeroed once (a memset
         inside a captured graph) and every layer's launch leaves them zero for the next."""
-        from loopserve.attention.triton_decode import _num_sms, choose_num_splits, decode_workspace
+        from loopserve.attention.triton_decode import choose_num_splits, decode_workspace, sm_count
 
         def make():
             batch, num_kv_heads = tables.shape[0], cache.num_kv_heads
-            splits = choose_num_splits(batch, num_kv_heads, tables.shape[1], cache.block_size, _num_sms(query.device))
+            splits = choose_num_splits(batch, num_kv_heads, tables.shape[1], cache.block_size, sm_count(query.device))
             return decode_workspace(batch, query.shape[1], num_kv_heads, query.shape[2], splits, query.device)
 
         return self._derived(meta, "triton_decode_ws", make)

@@ -205,7 +205,7 @@ def _decode_kernel(
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # H100 SXM: the CPU/interpreter path just mirrors the main target
@@ -297,7 +297,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         num_splits = (workspace.num_splits if workspace is not None
                       else choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
-                                             _num_sms(q.device)))
+                                             sm_count(q.device)))
     assert num_splits >= 1
     if out is None:
         out = torch.empty_like(q)

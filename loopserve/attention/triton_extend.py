@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.attention.triton_decode import _num_sms
+from loopserve.attention.triton_decode import sm_count
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
@@ -230,7 +230,7 @@ def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
         # programs on 132 SMs) each walk the whole context: wider key tiles keep more loads in flight.
         # Measured on an H200 at 8k cached + 256 new: 0.169 ms against 0.206 ms for 64-wide tiles,
         # while at an 8k cold prompt (4,096 programs) 64-wide tiles win, 1.54 ms against 2.26 ms.
-        if live_programs <= 2 * _num_sms(device):
+        if live_programs <= 2 * sm_count(device):
             return 64, 128, 4, 2
         return 64, 64, 4, 2
     return 64, 64, 4, 3
@@ -355,7 +355,7 @@ def paged_extend_attention(q: torch.Tensor,
     block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device, live_programs)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
-        num_splits = choose_extend_splits(live_programs, _num_sms(q.device)) if q.is_cuda else 1
+        num_splits = choose_extend_splits(live_programs, sm_count(q.device)) if q.is_cuda else 1
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
                    block_m, block_n, num_warps, num_stages, skip_single, num_splits, pack_gqa, seq_ids)

@@ -110,18 +110,24 @@ def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _config(m: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
+def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if device.type != "cuda":
         return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
     # The [BLOCK_M, 16, BLOCK_K] fp32 accumulator is 32 registers a thread at 8 warps: K tiles of 512 at
     # batch 1, 256 at 2, 128 at 3-4. ptxas (sm_90) puts these kernels at 64-99 registers, two CTAs an SM
     # (16 x 1024 tiles took 178: one). Across the grid that keeps a few MB of weights in flight per
-    # iteration (HBM3's bandwidth-delay product) without relying on the loop being pipelined. Not yet
-    # measured: bench/gpu_diag.py --gemv sweeps tiles against cuBLAS, and fused_decode_gemv="auto"
-    # keeps cuBLAS wherever it is faster.
-    block_k = min(512 // triton.next_power_of_2(m), triton.next_power_of_2(k))
-    return 16, block_k, 8 if block_k >= 256 else 4, 2
+    # iteration (HBM3's bandwidth-delay product) without relying on the loop being pipelined. A grid
+    # that fits the SMs once over (a small model's layers: 36-60 programs at the 135M shapes) does not
+    # need two CTAs an SM, so its tiles double and K up to 1,024 takes one iteration. Not yet measured:
+    # bench/gpu_diag.py --gemv sweeps tiles against cuBLAS, and fused_decode_gemv="auto" keeps cuBLAS
+    # wherever it is faster.
+    from loopserve.attention.triton_decode import sm_count
+
+    block_n = 16
+    budget = 1024 if triton.cdiv(n, block_n) <= sm_count(device) else 512
+    block_k = min(budget // triton.next_power_of_2(m), triton.next_power_of_2(k))
+    return block_n, block_k, 8 if block_k >= 256 else 4, 2
 
 
 # The largest row chunk the RMSNorm pre-pass loads at once (fp32 registers: BLOCK_M x this / threads).
@@ -148,7 +154,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return y
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
-    block_n, block_k, num_warps, num_stages = config or _config(m, k, x.device)
+    block_n, block_k, num_warps, num_stages = config or _config(m, n, k, x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),
