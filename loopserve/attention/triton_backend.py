@@ -36,9 +36,9 @@ class TritonPagedAttention:
         from loopserve.attention.triton_decode import NewTokens, paged_decode_attention
         from loopserve.model.fused_ops import rotary_store_problem
 
-        if (not meta.static_layout and not meta.prefill_indices
-                and rotary_store_problem(query, key, value, positions, cos_sin_cache, cache.key, cache.value,
-                                         meta.slot_mapping) is None):
+        if not meta.static_layout and not meta.prefill_indices and self._derived(
+                meta, "triton_fused_decode", lambda: rotary_store_problem(
+                    query, key, value, positions, cos_sin_cache, cache.key, cache.value, meta.slot_mapping) is None):
             return paged_decode_attention(
                 query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
                 workspace=self._decode_workspace(meta, query, cache, meta.block_tables),

@@ -270,3 +270,44 @@ def test_cuda_graph_replay():
     q.copy_(q2), k.copy_(k2), v.copy_(v2), tables.copy_(tables2), lens_t.copy_(lens2)
     graph.replay()
     torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 0.1), atol=2e-3, rtol=0)
+
+
+def test_backend_decode_step_equals_torch_reference():
+    """TritonPagedAttention.rotary_attend on a pure decode step (rotary, cache write and attention in the
+    decode kernel's one launch) against the torch backend's rotary + write + attention."""
+    from loopserve.attention.metadata import AttentionMetadata, KVCache
+    from loopserve.attention.torch_ref import TorchPagedAttention
+    from loopserve.attention.triton_backend import TritonPagedAttention
+    from loopserve.model.llama import RotaryEmbedding
+
+    hq, hkv, d, bs = 8, 2, 32, 4
+    lens = [70, 1, 33]
+    q, k_cache, v_cache, tables, lens_t = make_case(lens, hq, hkv, d, bs, torch.float32, 12)
+    # The torch backend's padded SDPA reads unused slots under its mask; the engine's are finite (zeroed
+    # at start), not make_case's NaN poison.
+    k_cache, v_cache = k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)
+    gen = torch.Generator().manual_seed(3)
+    k_new = torch.randn(len(lens), hkv, d, generator=gen).to(DEVICE)
+    v_new = torch.randn(len(lens), hkv, d, generator=gen).to(DEVICE)
+    positions = lens_t.long() - 1
+    slots = torch.stack([tables[b, p // bs] * bs + p % bs for b, p in enumerate(positions.tolist())])
+    with torch.device(DEVICE):
+        cos_sin = RotaryEmbedding(d, 128, 10000.0, None).cos_sin_cache
+
+    def run(backend):
+        cache = KVCache(k_cache.clone(), v_cache.clone(), False)
+        meta = AttentionMetadata(query_start_loc=list(range(len(lens) + 1)), seq_lens=lens, slot_mapping=slots,
+                                 block_tables=tables, decode_indices=list(range(len(lens))), prefill_indices=[],
+                                 query_start_loc_t=torch.arange(len(lens) + 1, dtype=torch.int32, device=DEVICE),
+                                 seq_lens_t=lens_t, max_query_len=1)
+        out = backend.rotary_attend(q.clone(), k_new.clone(), v_new.clone(), positions, cos_sin, cache, meta,
+                                    d ** -0.5)
+        return out, cache, meta
+
+    got, got_cache, meta = run(TritonPagedAttention())
+    want, want_cache, _ = run(TorchPagedAttention())
+    assert meta.derived["triton_fused_decode"] and "triton_decode_ws" in meta.derived  # the one-launch path
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    flat = lambda c: c.flatten(0, 1)  # noqa: E731
+    torch.testing.assert_close(flat(got_cache.key)[slots], flat(want_cache.key)[slots], atol=1e-5, rtol=0)
+    assert torch.equal(flat(got_cache.value)[slots], flat(want_cache.value)[slots])
