@@ -169,7 +169,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
-               eager: bool, overlap: bool | None = None) -> dict:
+               eager: bool, overlap: bool | None = None, warmup_s: float = 5.0) -> dict:
     """Saturation: more requests than fit are queued at once; output tokens per second over `seconds`
     of stepping (after a warm-up), as many requests as the time allows."""
     import random
@@ -195,11 +195,24 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     for _ in range(512):
         add(n)
         n += 1
+    # What the measured steps were: pure decode (a decode graph), steps with prompt tokens that fit a
+    # prefill graph, and the rest (eager). Recorded around the scheduler; the engine is untouched.
+    steps: list[tuple[int, int, bool]] = []  # (sequences, tokens, any prompt tokens)
+    schedule = core.scheduler.schedule
+
+    def recorded_schedule():
+        out = schedule()
+        if out.seqs:
+            steps.append((len(out.seqs), out.num_batched_tokens, any(q.num_new_tokens > 1 for q in out.seqs)))
+        return out
+
+    core.scheduler.schedule = recorded_schedule
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    t_warm = time.perf_counter() + 5.0
+    t_warm = time.perf_counter() + warmup_s
     while time.perf_counter() < t_warm:
         core.step()
     sync()
+    steps.clear()
     t0 = time.perf_counter()
     out_tokens = finished = 0
     while time.perf_counter() - t0 < seconds:
@@ -211,9 +224,19 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
                 n += 1
     sync()
     dt = time.perf_counter() - t0
+    prefill_graphs = core.runner.prefill_graphs
+    mixed = [(b, t) for b, t, prompt in steps if prompt]
+    graphed_mixed = [(b, t) for b, t in mixed
+                     if prefill_graphs is not None and b <= prefill_graphs.max_seqs and t <= prefill_graphs.max_tokens]
     return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name,
             "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap, "output_tok_s": out_tokens / dt,
-            "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks}
+            "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks,
+            "steps_per_s": len(steps) / dt, "mean_seqs_per_step": statistics.fmean(b for b, _, _ in steps) if steps else 0,
+            "mean_tokens_per_step": statistics.fmean(t for _, t, _ in steps) if steps else 0,
+            "decode_steps": len(steps) - len(mixed), "prompt_steps_graphed": len(graphed_mixed),
+            "prompt_steps_eager": len(mixed) - len(graphed_mixed),
+            "mean_tokens_eager_prompt_step": (statistics.fmean(t for b, t in mixed if (b, t) not in graphed_mixed)
+                                              if len(mixed) > len(graphed_mixed) else 0)}
 
 
 def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
@@ -242,6 +265,7 @@ def main(argv=None) -> None:
     ap.add_argument("mode", choices=["floor", "engine", "hf", "throughput"])
     ap.add_argument("--workload", choices=["sharegpt", "random1000"], default="sharegpt")
     ap.add_argument("--seconds", type=float, default=30.0, help="throughput: measured stepping time")
+    ap.add_argument("--warmup", type=float, default=5.0, help="throughput: stepping time before the measurement")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
@@ -265,7 +289,7 @@ def main(argv=None) -> None:
                      args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                         args.enforce_eager, args.overlap_scheduling)
+                         args.enforce_eager, args.overlap_scheduling, args.warmup)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
     emit(res, args.config, args.device, args.out)

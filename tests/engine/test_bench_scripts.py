@@ -47,6 +47,20 @@ def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
     assert row["fused_decode_gemv"] == "on" and row["decode_tok_s"] > 0 and row["ttft_long_cold_s"] is None
 
 
+def test_gpu_decode_throughput_reports_its_steps(tiny_llama, tmp_path):
+    from bench import gpu_decode
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config["max_position_embeddings"] = 2048  # ShareGPT-like prompts (<= 1,024) plus outputs (<= 512)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "gpu.jsonl"
+    gpu_decode.main(["throughput", "--config", str(tmp_path / "config.json"), "--device", "cpu", "--workload",
+                     "sharegpt", "--seconds", "1", "--warmup", "0.5", "--out", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["output_tok_s"] > 0 and row["steps_per_s"] > 0 and row["mean_tokens_per_step"] > 0
+    assert row["decode_steps"] + row["prompt_steps_graphed"] + row["prompt_steps_eager"] > 0
+
+
 def test_gpu_profile_phases(tiny_llama, tmp_path):
     from bench import gpu_profile
 
