@@ -216,8 +216,9 @@ class PrefillGraphs:
 
     def forward(self, t: int, with_single: bool) -> torch.Tensor:
         """The static forward for T = t: fp32 logits [max_seqs, vocab] of the rows in logits_rows."""
-        hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single))
-        return self.model.compute_logits(hidden.index_select(0, self.logits_rows))
+        hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single),
+                            out_rows=self.logits_rows)
+        return self.model.compute_logits(hidden)
 
     def capture(self) -> None:
         """Capture every (size, variant), largest first, in one memory pool."""

@@ -195,10 +195,12 @@ class ModelRunner:
             logits = self.prefill_graphs.run(input_ids, positions, meta, logits_rows)
             return (logits, sampling) if sampling else (None, [])
         with _sdpa_without_cudnn(self.device):
-            hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend))
+            # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward.
+            hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend),
+                                out_rows=logits_rows)
         if not sampling:
             return None, []
-        return self.model.compute_logits(hidden.index_select(0, logits_rows)), sampling
+        return self.model.compute_logits(hidden), sampling
 
     def _start_masks(self, out: SchedulerOutput):
         """Start filling the grammar masks of constrained rows (they fill while the forward runs). A row

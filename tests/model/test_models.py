@@ -91,12 +91,12 @@ class PagedSequence:
             decode_indices=[0] if n == 1 else [], prefill_indices=[] if n == 1 else [0])
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Append ids (the next len(ids) tokens); return their logits [len(ids), vocab]."""
+    def step(self, ids: torch.Tensor, out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ids (the next len(ids) tokens); return their logits [len(ids), vocab] (only out_rows')."""
         n = ids.shape[0]
         positions = torch.arange(self.length, self.length + n)
         batch = ForwardBatch(meta=self.meta(n), kv_caches=self.caches, backend=self.backend)
-        hidden = self.model(ids, positions, batch)
+        hidden = self.model(ids, positions, batch, out_rows=out_rows)
         self.length += n
         return self.model.compute_logits(hidden)
 
@@ -152,6 +152,20 @@ def test_chunked_prefill_matches_transformers(pair):
     seq = PagedSequence(ours, BLOCK_TABLE)
     chunks = [seq.step(ids[:9]), seq.step(ids[9:])]   # second chunk starts mid-block
     torch.testing.assert_close(torch.cat(chunks), ref, atol=ATOL, rtol=0)
+
+
+def test_last_layer_for_the_sampled_rows_only(pair):
+    """out_rows: the last layer's o_proj / MLP and the final norm for those rows alone give their full
+    forward's logits, and every row's K/V (the last layer's too) is still in the cache: the next turn's
+    tokens match transformers' over the whole sequence."""
+    hf, ours, _ = pair
+    ids = token_ids(seed=3)
+    ref = hf_logits(hf, ids)
+    seq = PagedSequence(ours, BLOCK_TABLE)
+    rows = torch.tensor([11, 0, 11])                     # any rows, in any order, repeats allowed
+    torch.testing.assert_close(seq.step(ids[:12], out_rows=rows), ref[rows], atol=ATOL, rtol=0)
+    assert seq.step(ids[12:16], out_rows=torch.tensor([], dtype=torch.long)).shape == (0, TINY["vocab_size"])
+    torch.testing.assert_close(seq.step(ids[16:]), ref[16:], atol=ATOL, rtol=0)
 
 
 def test_config_fields(pair):
