@@ -103,6 +103,9 @@ def make_llm(tiny_llama, device):
         kw.setdefault("block_size", 4)
         kw.setdefault("device", device)
         kw.setdefault("dtype", "fp32")
+        # Tests compare LLMs token for token; "auto" would pick each one's decode GEMV by a startup
+        # timing (its own test asks for it).
+        kw.setdefault("fused_decode_gemv", "off")
         llm = LLM(str(kw.pop("model", tiny_llama)), **kw)
         made.append(llm)
         return llm

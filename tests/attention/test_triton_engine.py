@@ -40,8 +40,7 @@ def test_cuda_graph_decode_equals_eager(make_llm):
     prompts = _prompts()
     for n in (1, 3, 5):  # 3 and 5 replay padded graphs (sizes 4 and 8)
         eager = make_llm(enforce_eager=True).generate(prompts[:n], params)
-        # cuBLAS in both: the fused GEMV sums in another order (test_fused_gemv_auto_keeps_the_faster_graph).
-        graphed_llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off")
+        graphed_llm = make_llm(enforce_eager=False, max_num_seqs=8)
         assert graphed_llm.engine.runner.graphs is not None
         graphed = graphed_llm.generate(prompts[:n], params)
         assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
@@ -89,7 +88,7 @@ def test_cuda_graph_prefill_equals_eager(make_llm):
     """Captured prefill graphs (prefills, prefix-cache extends, chunked and mixed steps) against eager."""
     for kw in (dict(max_num_batched_tokens=24), dict()):
         eager = [_run(make_llm(enforce_eager=True, **kw), staggered=s) for s in (False, True)]
-        llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off", **kw)
+        llm = make_llm(enforce_eager=False, max_num_seqs=8, **kw)
         assert llm.engine.runner.prefill_graphs is not None and llm.engine.runner.prefill_graphs.graphs
         assert [_run(llm, staggered=s) for s in (False, True)] == eager
 
