@@ -57,6 +57,30 @@ _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@triton.jit
+def merge_splits(acc_ptr, stat_ptr, out_ptr, num_splits, stride_as, stride_ad, stride_ss, stride_sk, stride_od,
+                 HEAD_DIM: tl.constexpr, SPLIT_PAD: tl.constexpr, CACHE: tl.constexpr):
+    """One (row, head)'s split partials, rescaled by their log-sum-exps, into its output: acc_ptr at
+    its [splits, HEAD_DIM] partials, stat_ptr at its (max, sumexp) per split, out_ptr at its output.
+    CACHE: the loads' cache modifier (".cg": through L2, for partials other CTAs of this launch wrote)."""
+    offs_s = tl.arange(0, SPLIT_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+    m = tl.load(stat_ptr + offs_s * stride_ss, mask=mask_s, other=float("-inf"), cache_modifier=CACHE)
+    l = tl.load(stat_ptr + offs_s * stride_ss + stride_sk, mask=mask_s, other=0.0, cache_modifier=CACHE)
+    part = tl.load(acc_ptr + offs_s[:, None] * stride_as + offs_d[None, :] * stride_ad, mask=mask_s[:, None],
+                   other=0.0, cache_modifier=CACHE)
+    m_max = tl.max(m, 0)
+    # A row with no key in any split has every max at -inf: shift by 0 instead so -inf - -inf (NaN)
+    # never happens. Empty splits get weight exp2(-inf) = 0 either way.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    num = tl.sum(part * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    o = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + offs_d * stride_od, o.to(out_ptr.dtype.element_ty))
+
+
 # Eager mixed steps pass tables whose widths vary step to step: those strides stay unspecialised, so a
 # new width never compiles a kernel mid-serving. The partials' strides are multiples of HEAD_DIM
 # whatever the split count: they keep their hints.
@@ -182,25 +206,11 @@ def _decode_kernel(
         ticket_at = ticket_ptr + b * num_kv_heads + kvh
         ticket = tl.atomic_add(ticket_at, 1, sem="acq_rel")
         if ticket == num_splits - 1:
-            offs_s = tl.arange(0, SPLIT_PAD)
-            mask_s = offs_s < num_splits
             for g in tl.static_range(GROUP):
                 h = kvh * GROUP + g
-                hs_ptrs = stat_ptr + b * stride_sb + h * stride_sh + offs_s * stride_ss
-                m = tl.load(hs_ptrs, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-                l = tl.load(hs_ptrs + stride_sk, mask=mask_s, other=0.0, cache_modifier=".cg")
-                part = tl.load(acc_ptr + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
-                               + offs_d[None, :] * stride_ad, mask=mask_s[:, None], other=0.0,
-                               cache_modifier=".cg")
-                m_max = tl.max(m, 0)
-                # An empty sequence has every max at -inf: shift by 0 instead so -inf - -inf (NaN)
-                # never happens. Empty splits get weight exp2(-inf) = 0 either way.
-                m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-                w = tl.exp2(m - m_max)
-                num = tl.sum(part * w[:, None], 0)
-                den = tl.sum(l * w, 0)
-                o = num / tl.where(den > 0.0, den, 1.0)
-                tl.store(out_row_ptr + h * stride_oh + offs_d * stride_od, o.to(out_ptr.dtype.element_ty))
+                merge_splits(acc_ptr + b * stride_ab + h * stride_ah, stat_ptr + b * stride_sb + h * stride_sh,
+                             out_row_ptr + h * stride_oh, num_splits, stride_as, stride_ad, stride_ss, stride_sk,
+                             stride_od, HEAD_DIM, SPLIT_PAD, ".cg")
             tl.atomic_xchg(ticket_at, 0)
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.attention.triton_decode import sm_count
+from loopserve.attention.triton_decode import merge_splits, sm_count
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
@@ -193,26 +193,9 @@ def _merge_splits_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, SPLIT_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = offs_s < num_splits
-
-    s_ptrs = stat_ptr + b * stride_sb + h * stride_sh + offs_s * stride_ss
-    m = tl.load(s_ptrs, mask=mask_s, other=float("-inf"))
-    l = tl.load(s_ptrs + stride_sk, mask=mask_s, other=0.0)
-    acc = tl.load(acc_ptr + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as
-                  + offs_d[None, :] * stride_ad, mask=mask_s[:, None], other=0.0)
-
-    m_max = tl.max(m, 0)
-    # An empty sequence has every max at -inf: shift by 0 instead so -inf - -inf (NaN) never
-    # happens. Empty splits get weight exp2(-inf) = 0 either way.
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.exp2(m - m_max)
-    num = tl.sum(acc * w[:, None], 0)
-    den = tl.sum(l * w, 0)
-    o = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
-             o.to(out_ptr.dtype.element_ty))
+    merge_splits(acc_ptr + b * stride_ab + h * stride_ah, stat_ptr + b * stride_sb + h * stride_sh,
+                 out_ptr + b * stride_ob + h * stride_oh, num_splits, stride_as, stride_ad, stride_ss, stride_sk,
+                 stride_od, HEAD_DIM, SPLIT_PAD, "")
 
 
 def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
