@@ -13,10 +13,10 @@ It walks its share ``BLOCK_N`` tokens at a time; a tile may straddle cache block
 physical slot is looked up in the block table. Softmax is online, in fp32 and in base 2 (scores
 are pre-multiplied by ``log2(e)``).
 
-Unsplit, the program normalises and writes the output. Split, it writes its unnormalised partial
-``acc [GROUP, D]`` plus ``(max, sumexp)`` per head to the workspace and takes a ticket from the
-(sequence, KV head)'s counter; the program that draws the last ticket merges all the partials with
-the usual log-sum-exp rescaling, writes the output in ``out``'s dtype and zeroes the counter for the
+When one split holds the whole context, its program normalises and writes the output. Otherwise
+each split with keys writes its unnormalised partial ``acc [GROUP, D]`` plus ``(max, sumexp)`` per
+head to the workspace and takes a ticket from the (sequence, KV head)'s counter; the program that
+draws the last ticket merges the partials with the usual log-sum-exp rescaling, writes the output in ``out``'s dtype and zeroes the counter for the
 next launch. The merge used to be a second kernel: a launch of its own per layer, ~3 us at batch 1
 inside a CUDA graph, about 2 % of an 8B decode step.
 
@@ -26,8 +26,10 @@ Invariants
   launch grid depends only on shapes and ``num_splits``: the same call can be captured in a CUDA
   graph and replayed with new ``seq_lens`` / ``block_tables`` contents. Nothing here reads a
   tensor value on the host.
-* Every program writes all its workspace rows, including splits that got no tokens
-  (``max = -inf``, ``sumexp = 0``, ``acc = 0``), so empty splits weigh nothing in the merge.
+* Splits past a sequence's last chunk exit at once: the split count is fixed by shapes (a graph's
+  table width), the context is not. The others (``active``, at least one) each write their partial
+  and take a ticket; the merge reads those. An active split whose keys are all masked for a head
+  would carry ``max = -inf`` and ``sumexp = 0`` and weigh nothing.
 * Ticket counters are zero before a launch and after it (the merging program resets its own), so
   one zeroed workspace serves every layer of a forward and every replay of a graph. Partials are
   stored before a CTA barrier and the ticket's acquire-release atomic; the merge reads them through
@@ -113,6 +115,19 @@ def _decode_kernel(
         q_row = b.to(tl.int64)
         out_row = b.to(tl.int64)
 
+    # Divide the sequence in whole BLOCK_N chunks so no split starts mid-tile (one partial tile
+    # per sequence instead of one per split). A graph's split count follows its table width, not the
+    # context: splits past the last chunk have nothing to do and leave at once, without a partial or
+    # a ticket, and the merge reads the `active` ones (at least one, so an empty sequence gets zeros).
+    seq_len = tl.load(lens_ptr + b)
+    num_chunks = tl.cdiv(seq_len, BLOCK_N)
+    chunks_per_split = tl.maximum(tl.cdiv(num_chunks, num_splits), 1)
+    active = tl.maximum(tl.cdiv(num_chunks, chunks_per_split), 1)
+    if split >= active:
+        return
+    start = split * chunks_per_split * BLOCK_N
+    end = tl.minimum(start + chunks_per_split * BLOCK_N, seq_len)
+
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -123,13 +138,6 @@ def _decode_kernel(
     # and their results are simply not stored.
     q_at = q_ptr + q_row * stride_qb + heads[:, None] * stride_qh
     q = tl.load(q_at + offs_d[None, :] * stride_qd, mask=mask_g[:, None], other=0.0)
-
-    # Divide the sequence in whole BLOCK_N chunks so no split starts mid-tile (one partial tile
-    # per sequence instead of one per split). Splits past the last chunk get an empty range.
-    seq_len = tl.load(lens_ptr + b)
-    chunks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
-    start = split * chunks_per_split * BLOCK_N
-    end = tl.minimum(start + chunks_per_split * BLOCK_N, seq_len)
 
     if ROTARY:
         # Neox rotary at the new token's position, rounded where fused_ops' rotary kernel rounds (cos
@@ -146,8 +154,7 @@ def _decode_kernel(
         # The program whose share holds the new token (position seq_len - 1) writes its rotated key and
         # its value to the cache before reading them back: the CTA barrier makes the stores visible to
         # the loop's loads. No other program reads that slot.
-        last_chunk = tl.maximum(tl.cdiv(seq_len, BLOCK_N) - 1, 0)
-        if split == last_chunk // tl.maximum(chunks_per_split, 1):
+        if split == active - 1:
             slot = tl.load(slot_ptr + q_row).to(tl.int64)
             dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
             kn_at = kn_ptr + q_row * stride_knb + kvh * stride_knh
@@ -189,8 +196,9 @@ def _decode_kernel(
         m_i = m_new
 
     out_row_ptr = out_ptr + out_row * stride_ob
-    if num_splits == 1:
-        # An empty sequence has l = 0 and acc = 0: zeros, not NaN.
+    if active == 1:
+        # One split holds the whole context (always, unsplit): no partials. An empty sequence has
+        # l = 0 and acc = 0: zeros, not NaN.
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_row_ptr + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
@@ -205,11 +213,11 @@ def _decode_kernel(
         tl.debug_barrier()
         ticket_at = ticket_ptr + b * num_kv_heads + kvh
         ticket = tl.atomic_add(ticket_at, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
+        if ticket == active - 1:
             for g in tl.static_range(GROUP):
                 h = kvh * GROUP + g
                 merge_splits(acc_ptr + b * stride_ab + h * stride_ah, stat_ptr + b * stride_sb + h * stride_sh,
-                             out_row_ptr + h * stride_oh, num_splits, stride_as, stride_ad, stride_ss, stride_sk,
+                             out_row_ptr + h * stride_oh, active, stride_as, stride_ad, stride_ss, stride_sk,
                              stride_od, HEAD_DIM, SPLIT_PAD, ".cg")
             tl.atomic_xchg(ticket_at, 0)
 
