@@ -194,10 +194,12 @@ class ModelRunner:
                 input_ids.shape[0], len(out.seqs), logits_rows.shape[0], meta.block_tables.shape[1]):
             logits = self.prefill_graphs.run(input_ids, positions, meta, logits_rows)
             return (logits, sampling) if sampling else (None, [])
+        # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward. A pure
+        # decode step samples every row in order, so it selects nothing.
+        every_row = not meta.prefill_indices and len(sampling) == len(out.seqs)
         with _sdpa_without_cudnn(self.device):
-            # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward.
             hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend),
-                                out_rows=logits_rows)
+                                out_rows=None if every_row else logits_rows)
         if not sampling:
             return None, []
         return self.model.compute_logits(hidden), sampling
