@@ -26,7 +26,7 @@ timeout 150 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/mod
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
-g 100 engine --config $B8
+g 120 engine --config $B8
 g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 135M"
@@ -34,8 +34,8 @@ g 60 engine --config $B135
 g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
 g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
-g 70 throughput --config $B8 --workload sharegpt --seconds 20
-g 70 throughput --config $B8 --workload random1000 --seconds 20
+g 80 throughput --config $B8 --workload sharegpt --seconds 20
+g 80 throughput --config $B8 --workload random1000 --seconds 20
 echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
 timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
 timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
