@@ -16,9 +16,11 @@ are pre-multiplied by ``log2(e)``).
 When one split holds the whole context, its program normalises and writes the output. Otherwise
 each split with keys writes its unnormalised partial ``acc [GROUP, D]`` plus ``(max, sumexp)`` per
 head to the workspace and takes a ticket from the (sequence, KV head)'s counter; the program that
-draws the last ticket merges the partials with the usual log-sum-exp rescaling, writes the output in ``out``'s dtype and zeroes the counter for the
-next launch. The merge used to be a second kernel: a launch of its own per layer, ~3 us at batch 1
-inside a CUDA graph, about 2 % of an 8B decode step.
+draws the last ticket merges the partials with the usual log-sum-exp rescaling, writes the output in
+``out``'s dtype and zeroes the counter for the next launch. The merge used to be a second kernel: a
+launch of its own per layer, ~3 us at batch 1 inside a CUDA graph, about 2 % of an 8B decode step.
+With ``new_tokens`` (a pure decode step) the launch also applies rotary to q and to the new key and
+writes the new key and value to the cache (``NewTokens``), which took a third kernel.
 
 Invariants
 ----------
@@ -28,8 +30,7 @@ Invariants
   tensor value on the host.
 * Splits past a sequence's last chunk exit at once: the split count is fixed by shapes (a graph's
   table width), the context is not. The others (``active``, at least one) each write their partial
-  and take a ticket; the merge reads those. An active split whose keys are all masked for a head
-  would carry ``max = -inf`` and ``sumexp = 0`` and weigh nothing.
+  and take a ticket; the merge reads those.
 * Ticket counters are zero before a launch and after it (the merging program resets its own), so
   one zeroed workspace serves every layer of a forward and every replay of a graph. Partials are
   stored before a CTA barrier and the ticket's acquire-release atomic; the merge reads them through
