@@ -33,16 +33,14 @@ class TritonPagedAttention:
         """Rotary on the new tokens, their K/V into the cache, their attention; [T, Hq, D]. A pure decode
         step does all three in the decode kernel's one launch a layer; other steps run the rotary + KV
         write kernel first."""
-        from loopserve.attention.triton_decode import NewTokens, paged_decode_attention
+        from loopserve.attention.triton_decode import NewTokens
         from loopserve.model.fused_ops import rotary_store_problem
 
         if not meta.static_layout and not meta.prefill_indices and self._derived(
                 meta, "triton_fused_decode", lambda: rotary_store_problem(
                     query, key, value, positions, cos_sin_cache, cache.key, cache.value, meta.slot_mapping) is None):
-            return paged_decode_attention(
-                query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
-                workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
-                new_tokens=NewTokens(key, value, positions, cos_sin_cache, meta.slot_mapping))
+            return self._pure_decode(query, cache, meta, scale,
+                                     NewTokens(key, value, positions, cos_sin_cache, meta.slot_mapping))
         self.store_rotated(query, key, value, positions, cos_sin_cache, cache, meta)
         return self.attend(query, key, value, cache, meta, scale)
 
@@ -57,9 +55,7 @@ class TritonPagedAttention:
             # it serves are mostly one sequence, whose tiles pick the kernel's tile shape.
             live, seq_ids = live_programs_of(1, query.shape[1], meta.max_query_len), None
         elif not meta.prefill_indices:
-            # Pure decode: row i is sequence i's only new token.
-            return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
-                                          workspace=self._decode_workspace(meta, query, cache, meta.block_tables))
+            return self._pure_decode(query, cache, meta, scale)
         elif not meta.decode_indices:
             return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
                                           meta.seq_lens_t, meta.max_query_len, scale)
@@ -84,6 +80,15 @@ class TritonPagedAttention:
                                workspace=self._decode_workspace(meta, query, cache, tables),
                                q_rows=q_rows, out_rows=out_rows)
         return out[:t]
+
+    def _pure_decode(self, query: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
+                     new_tokens=None) -> torch.Tensor:
+        """A pure decode step (row i is sequence i's only new token) in the decode kernel's one launch."""
+        from loopserve.attention.triton_decode import paged_decode_attention
+
+        return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
+                                      workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
+                                      new_tokens=new_tokens)
 
     @staticmethod
     def _derived(meta: AttentionMetadata, name: str, make):

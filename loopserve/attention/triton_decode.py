@@ -232,7 +232,7 @@ def sm_count(device: torch.device) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
                       num_sms: int = 132) -> int:
-    """Splits per (sequence, kv head): about two stage-1 programs per SM, never more splits than
+    """Splits per (sequence, kv head): about two programs per SM, never more splits than
     BLOCK_N chunks in the block table's span (so never more than its blocks), at most MAX_SPLITS.
 
     Uses host ints only (shapes), so the choice is fixed for a captured graph.

@@ -116,11 +116,11 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Capture every size, largest first, all in one memory pool (the largest sets its size)."""
-        if not self.choose_fused_rows:
-            _capture_all(self.graphs, [(b, functools.partial(self._forward, b)) for b in reversed(self.sizes)])
-            return
-        self.model.fused_gemv_rows = 0
+        if self.choose_fused_rows:
+            self.model.fused_gemv_rows = 0  # cuBLAS first; the fused variants are captured beside them
         _capture_all(self.graphs, [(b, functools.partial(self._forward, b)) for b in reversed(self.sizes)])
+        if not self.choose_fused_rows:
+            return
         small = [b for b in self.sizes if b <= self.choose_fused_rows]
         fused: dict = {}
         self.model.fused_gemv_rows = self.choose_fused_rows

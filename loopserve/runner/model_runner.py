@@ -185,9 +185,9 @@ class ModelRunner:
             return None, []
         input_ids, positions, meta, logits_rows = self._prepare(out, prev)
         sampling = [s for s in out.seqs if s.samples]
-        if (self.graphs is not None and not meta.prefill_indices and len(sampling) == len(out.seqs)
-                and self.graphs.fits(len(out.seqs), meta.block_tables.shape[1])):
-            # Pure decode, every sequence sampled: rows are the logits rows, in order.
+        # Pure decode, every sequence sampled: rows are the logits rows, in order.
+        every_row = not meta.prefill_indices and len(sampling) == len(out.seqs)
+        if self.graphs is not None and every_row and self.graphs.fits(len(out.seqs), meta.block_tables.shape[1]):
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
                                    meta.seq_lens_t), sampling
         if self.prefill_graphs is not None and self.prefill_graphs.fits(
@@ -196,7 +196,6 @@ class ModelRunner:
             return (logits, sampling) if sampling else (None, [])
         # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward. A pure
         # decode step samples every row in order, so it selects nothing.
-        every_row = not meta.prefill_indices and len(sampling) == len(out.seqs)
         with _sdpa_without_cudnn(self.device):
             hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend),
                                 out_rows=None if every_row else logits_rows)
