@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Tokens per stage-1 iteration, and the unit in which a sequence is divided among splits.
+# Tokens per loop iteration of the decode kernel, and the unit in which a sequence is divided among splits.
 BLOCK_N = 64
 # Upper bound of the num_splits heuristic: past this the merge and workspace traffic outweigh
 # the extra parallelism.
