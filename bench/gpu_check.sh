@@ -32,7 +32,10 @@ g 40 floor --config $B8
 echo "== 135M"
 g 60 engine --config $B135
 g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
+g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0 --no-pdl
 g 30 floor --config $B135
+echo "== GEMV chains in a graph: programmatic dependent launch on / off, cuBLAS (ms a layer)"
+timeout 60 python -m bench.gpu_diag --config $B8 --gemv-chain --out "$out" 2>&1 | tail -2 | cut -c1-600
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20
 g 80 throughput --config $B8 --workload random1000 --seconds 20
@@ -52,13 +55,16 @@ python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
+    if r["mode"] == "diag_gemv_chain":
+        print(r["config"], r["mode"], r["results"])
+        continue
     if r["mode"].startswith("profile_"):
         top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
         print(r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
               f'wall={r["wall_ms_per_step"]:.3f} ms/step',
               f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top)
         continue
-    keys = [k for k in ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "batch", "ms_per_step", "decode_tok_s",
+    keys = [k for k in ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "ms_per_step", "decode_tok_s",
                         "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
                         "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes",

@@ -88,7 +88,7 @@ def floor(cfg, batch: int) -> dict:
 
 
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
-          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto"):
+          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True):
     from loopserve.engine.core import EngineCore
 
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
@@ -97,17 +97,17 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
                                                              long_prefill_token_threshold=8192),
                                    attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap,
-                                   fused_decode_gemv=fused_gemv))
+                                   fused_decode_gemv=fused_gemv, programmatic_dependent_launch=pdl))
 
 
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
-           eager: bool, overlap: bool | None = None, fused_gemv: str = "auto") -> dict:
+           eager: bool, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True) -> dict:
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
     t_start = time.perf_counter()
     kv_bytes = 8 << 30 if device.startswith("cuda") else 256 << 20  # CPU: smoke runs only
-    core = _core(config_dir, cfg, device, backend, eager, 16, kv_bytes, overlap, fused_gemv)
+    core = _core(config_dir, cfg, device, backend, eager, 16, kv_bytes, overlap, fused_gemv, pdl)
     startup = time.perf_counter() - t_start
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -157,7 +157,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
     tok_s = statistics.median(overlap_tok_s)
     return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
-            "overlap": overlap, "fused_decode_gemv": fused_gemv,
+            "overlap": overlap, "fused_decode_gemv": fused_gemv, "pdl": core.runner.pdl,
             # "auto": each small decode graph's startup timing, {batch: [ms cuBLAS, ms fused]}, and the winners
             "fused_gemv_timings": getattr(core.runner.graphs, "fused_timings", None) or None,
             "fused_gemv_sizes": getattr(core.runner.graphs, "fused_sizes", None),
@@ -272,6 +272,8 @@ def main(argv=None) -> None:
                     help="default: the engine's (on for CUDA); engine mode also times batch-1 decode without it")
     ap.add_argument("--fused-decode-gemv", choices=FUSED_DECODE_GEMV_MODES, default="auto",
                     help="engine mode: EngineConfig.fused_decode_gemv")
+    ap.add_argument("--pdl", default=True, action=argparse.BooleanOptionalAction,
+                    help="engine mode: EngineConfig.programmatic_dependent_launch (default: on)")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -286,7 +288,8 @@ def main(argv=None) -> None:
         res = floor(cfg, args.batch)
     elif args.mode == "engine":
         res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
-                     args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv)
+                     args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv,
+                     args.pdl)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
                          args.enforce_eager, args.overlap_scheduling, args.warmup)

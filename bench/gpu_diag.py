@@ -7,6 +7,8 @@ configuration performs at the issue's two long shapes. One JSON line per finding
                   for): what one eager layer pays before any device work.
   extend_configs  _extend_kernel (BLOCK_M, BLOCK_N, warps, stages[, GQA-packed]) timed at 8k cached +
                   256 new and at an 8k cold prompt, Llama-3.1-8B attention shape.
+  gemv_chain      (--gemv) a batch-1 step's linear layers in one CUDA graph: fused GEMVs with and
+                  without programmatic dependent launch, and cuBLAS with the separate small kernels.
   gemv_configs    (--gemv) the fused GEMV's (BLOCK_N, BLOCK_K, warps, stages) against cuBLAS at the 8B
                   decode shapes, batch 1, in GB/s of weights read.
 
@@ -200,6 +202,87 @@ def gemv_configs(device: str, rows: int) -> list[dict]:
     return [{"mode": "diag_gemv_configs", "rows": rows, "results": out}]
 
 
+def _captured(fn) -> torch.cuda.CUDAGraph:
+    """fn run twice on a side stream (compiles), then captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def chain_steps(device: torch.device, dtype: torch.dtype, layers: int, hidden: int, qkv_n: int, inter: int):
+    """(fused(pdl) -> h, cublas() -> h): a batch-1 step's linear layers over `layers` layers of random
+    weights, as the fused path runs them (the q part of qkv stands in for the attention output) and as
+    cuBLAS with the separate RMSNorm / SiLU-mul / add kernels; and the weights' bytes."""
+    import torch.nn.functional as F
+
+    from loopserve.model import fused_ops
+    from loopserve.model.gemv import fused_gemv
+
+    def weight(n, k):
+        return torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+
+    ws = [(weight(qkv_n, hidden), weight(hidden, hidden), weight(2 * inter, hidden), weight(hidden, inter))
+          for _ in range(layers)]
+    norm = torch.ones(hidden, device=device, dtype=dtype)
+    h0 = torch.randn(1, hidden, device=device, dtype=dtype)
+
+    def fused(pdl: bool) -> torch.Tensor:
+        h = h0
+        for wqkv, wo, wgu, wd in ws:
+            qkv = fused_gemv(h, wqkv, norm_weight=norm, eps=1e-5, pdl=pdl)
+            h = fused_gemv(qkv[:, :hidden], wo, residual=h, pdl=pdl)
+            gu = fused_gemv(h, wgu, norm_weight=norm, eps=1e-5, pdl=pdl)
+            h = fused_gemv(gu, wd, silu_mul=True, residual=h, pdl=pdl)
+        return h
+
+    def cublas() -> torch.Tensor:
+        h, res = h0, None
+        for wqkv, wo, wgu, wd in ws:
+            if res is None:
+                x, res = fused_ops.rms_norm(h, norm, 1e-5), h
+            else:
+                x, res = fused_ops.fused_add_rms_norm(h, res, norm, 1e-5)
+            o = F.linear(F.linear(x, wqkv)[:, :hidden], wo)
+            x, res = fused_ops.fused_add_rms_norm(o, res, norm, 1e-5)
+            h = F.linear(fused_ops.silu_and_mul(F.linear(x, wgu)), wd)
+        return h
+
+    return fused, cublas, sum(w.numel() * w.element_size() for layer in ws for w in layer)
+
+
+def gemv_chain(device: str) -> list[dict]:
+    """A batch-1 decode step's linear layers without attention, in one CUDA graph each way: the four
+    fused GEMVs of a layer (model/llama.py forward_fused) launched with programmatic dependent launch,
+    the same plainly, and cuBLAS with the separate small kernels. ms a layer, from alternating replays
+    (each layer has its own weights, so nothing stays in L2)."""
+    from loopserve.device_caps import pdl_supported
+    from loopserve.runner.cuda_graphs import replay_ms
+
+    dev = torch.device(device)
+    out = []
+    # (name, layers, hidden, qkv width, intermediate): SmolLM2-135M and Llama-3.1-8B
+    for name, layers, hidden, qkv_n, inter in (("135m", 30, 576, 960, 1536), ("8b", 8, 4096, 6144, 14336)):
+        fused, cublas, weight_bytes = chain_steps(dev, torch.bfloat16, layers, hidden, qkv_n, inter)
+        kinds = ("pdl", "plain", "cublas")
+        try:
+            graphs = [_captured(lambda f=fused: f(True)), _captured(lambda f=fused: f(False)), _captured(cublas)]
+            ms = replay_ms(*graphs, rounds=5, reps=20)
+            out.append({"shape": name, "layers": layers, "pdl_supported": pdl_supported(dev),
+                        **{f"{k}_ms_per_layer": round(t / layers, 4) for k, t in zip(kinds, ms)},
+                        **{f"{k}_gb_s": round(weight_bytes / 1e9 / t * 1e3, 1) for k, t in zip(kinds, ms)}})
+        except Exception as e:  # a capture the driver refuses, say: the other shape still runs
+            out.append({"shape": name, "error": f"{type(e).__name__}: {e}"[:300]})
+        del fused, cublas
+    return [{"mode": "diag_gemv_chain", "results": out}]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
@@ -208,14 +291,20 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--skip-extend", action="store_true", help="no extend-kernel sweep (CPU smoke runs)")
     ap.add_argument("--gemv", action="store_true", help="also sweep the fused GEMV's tiles against cuBLAS")
+    ap.add_argument("--gemv-chain", action="store_true",
+                    help="only the GEMV chain's replay times, with and without programmatic dependent launch")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.gemv_chain:
+        for res in gemv_chain(args.device):
+            emit(res, args.config, args.device, args.out)
+        return
     results = [launch_cost(args.device, args.iters)]
     results += host_ttft(args.config, args.device, args.top)
     if not args.skip_extend:
         results += extend_configs(args.device)
     if args.gemv:
-        results += gemv_configs(args.device, rows=1)
+        results += gemv_chain(args.device) + gemv_configs(args.device, rows=1)
     for res in results:
         emit(res, args.config, args.device, args.out)
 

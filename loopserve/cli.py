@@ -284,6 +284,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="batch 1-4 decode layers as Triton GEMVs with the norms, SiLU-mul and residual adds "
                         "fused in; auto: per CUDA-graph batch size, whichever of that and cuBLAS timed faster "
                         "at startup (default: auto)")
+    p.add_argument("--pdl", default=True, action=argparse.BooleanOptionalAction,
+                   help="programmatic dependent launch for the decode kernels on Hopper and later: each may "
+                        "start while the one before it finishes (default: on)")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -312,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     engine_config = EngineConfig(speculative=speculative, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_scheduling=args.overlap_scheduling,
-        fused_decode_gemv=args.fused_decode_gemv, model=path, dtype=args.dtype,
+        fused_decode_gemv=args.fused_decode_gemv, programmatic_dependent_launch=args.pdl, model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           enable_prefix_caching=not args.no_prefix_caching,

@@ -252,6 +252,11 @@ class EngineConfig:
     # interpreter (tests only). The first GEMV (H200, sixth session) ran at 2.1 TB/s against cuBLAS's
     # 3.7; "auto" keeps whichever is faster on the card at hand.
     fused_decode_gemv: str = "auto"
+    # On Hopper and later, the decode attention and fused GEMV kernels launch with programmatic dependent
+    # launch: each may start while the kernel before it finishes, reading weights (and old K/V) before it
+    # waits for that kernel's output. False launches them plainly: the A/B baseline, and the way around a
+    # driver that cannot capture such launches (the runner also falls back by itself if capture fails).
+    programmatic_dependent_launch: bool = True
 
     def __post_init__(self) -> None:
         if self.fused_decode_gemv not in FUSED_DECODE_GEMV_MODES:

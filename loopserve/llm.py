@@ -41,7 +41,8 @@ class LLM:
                  host_kv_cache_bytes: int | None = None,
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False,
-                 overlap_scheduling: bool | None = None, fused_decode_gemv: str = "auto") -> None:
+                 overlap_scheduling: bool | None = None, fused_decode_gemv: str = "auto",
+                 programmatic_dependent_launch: bool = True) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -56,7 +57,8 @@ class LLM:
                                       long_prompt_chunk=long_prompt_chunk),
             speculative=SpeculativeConfig.from_dict(speculative_config),
             attention_backend=attention_backend, enforce_eager=enforce_eager,
-            overlap_scheduling=overlap_scheduling, fused_decode_gemv=fused_decode_gemv)
+            overlap_scheduling=overlap_scheduling, fused_decode_gemv=fused_decode_gemv,
+            programmatic_dependent_launch=programmatic_dependent_launch)
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)

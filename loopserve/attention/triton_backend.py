@@ -21,6 +21,10 @@ class TritonPagedAttention:
     name = "triton"
     needs_device_layout = True  # the runner fills AttentionMetadata's *_t fields
 
+    def __init__(self, pdl: bool = True) -> None:
+        # Decode launches use programmatic dependent launch where the device has it (triton_decode).
+        self.pdl = pdl
+
     @staticmethod
     def store_rotated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                       cos_sin_cache: torch.Tensor, cache: KVCache, meta: AttentionMetadata) -> None:
@@ -72,13 +76,16 @@ class TritonPagedAttention:
         # A graph's decode launch covers every sequence slot; the slots without a 1-token row write to a
         # spare row past the step's rows (runner/cuda_graphs.py).
         out = query.new_empty((t + 1 if meta.static_layout else t,) + query.shape[1:])
+        # Built before the extend launch: the decode kernel reads its tables and lengths before waiting
+        # for the kernel launched just before it (programmatic dependent launch), so they must not
+        # come from that kernel.
+        q_rows, out_rows, tables, lens = self._single_token_rows(meta, query.device)
         paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
                                meta.seq_lens_t, meta.max_query_len, scale, out=out[:t], skip_single=True,
                                live_programs=live, seq_ids=seq_ids)
-        q_rows, out_rows, tables, lens = self._single_token_rows(meta, query.device)
         paged_decode_attention(query, cache.key, cache.value, tables, lens, scale, out=out,
                                workspace=self._decode_workspace(meta, query, cache, tables),
-                               q_rows=q_rows, out_rows=out_rows)
+                               q_rows=q_rows, out_rows=out_rows, pdl=self.pdl)
         return out[:t]
 
     def _pure_decode(self, query: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
@@ -88,7 +95,7 @@ class TritonPagedAttention:
 
         return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
                                       workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
-                                      new_tokens=new_tokens)
+                                      new_tokens=new_tokens, pdl=self.pdl)
 
     @staticmethod
     def _derived(meta: AttentionMetadata, name: str, make):
@@ -102,7 +109,8 @@ class TritonPagedAttention:
                           tables: torch.Tensor):
         """One split-decode workspace per forward: its ticket counters are zeroed once (a memset
         inside a captured graph) and every layer's launch leaves them zero for the next."""
-        from loopserve.attention.triton_decode import choose_num_splits, decode_workspace, sm_count
+        from loopserve.attention.triton_decode import choose_num_splits, decode_workspace
+        from loopserve.device_caps import sm_count
 
         def make():
             batch, num_kv_heads = tables.shape[0], cache.num_kv_heads

@@ -40,16 +40,22 @@ Invariants
   padded batch slots of a captured graph harmless.
 * With row maps, sequence b reads query row ``q_rows[b]`` and writes output row ``out_rows[b]``: a
   mixed step's 1-token rows are attended in place, with no gather of queries or scatter of results.
+* On Hopper the launch uses programmatic dependent launch (``device_caps.pdl_supported``): a
+  program reads its lengths, table row and first K/V tile *before* waiting for the kernel launched
+  just before it, so those must not be that kernel's output (the caller's promise; the queries may
+  be). The cache's old tokens were written by earlier steps; the new token a ``new_tokens`` launch
+  writes itself is read again after the write.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from loopserve.device_caps import pdl_supported, sm_count
 
 # Tokens per loop iteration of the decode kernel, and the unit in which a sequence is divided among splits.
 BLOCK_N = 64
@@ -84,6 +90,35 @@ def merge_splits(acc_ptr, stat_ptr, out_ptr, num_splits, stride_as, stride_ad, s
     tl.store(out_ptr + offs_d * stride_od, o.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks, stride_kh, stride_kd,
+             stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE: tl.constexpr):
+    """Keys and values [BLOCK_N, D] of one KV head at positions `pos` (masked where not `valid`)."""
+    # int64: num_blocks * block stride can pass 2**31 elements on large caches.
+    blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn, mask=valid, other=0).to(tl.int64)
+    slot_off = pos % BLOCK_SIZE
+    k = tl.load(k_ptr + blk[:, None] * stride_kb + slot_off[:, None] * stride_ks
+                + kvh * stride_kh + offs_d[None, :] * stride_kd, mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + blk[:, None] * stride_vb + slot_off[:, None] * stride_vs
+                + kvh * stride_vh + offs_d[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a tile holding at least one valid key: (m, l, acc) updated."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    # The tile holds a valid token, so m_new is finite and exp2(-inf - m_new) = 0 takes care of the
+    # first tile and of masked tokens.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # Eager mixed steps pass tables whose widths vary step to step: those strides stay unspecialised, so a
 # new width never compiles a kernel mid-serving. The partials' strides are multiples of HEAD_DIM
 # whatever the split count: they keep their hints.
@@ -102,7 +137,8 @@ def _decode_kernel(
     stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cs,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, ROTARY: tl.constexpr,
+    SPLIT_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, ROTARY: tl.constexpr, GDC: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -135,6 +171,20 @@ def _decode_kernel(
     mask_g = offs_g < GROUP
     heads = kvh * GROUP + offs_g
 
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    if PREFETCH:
+        # The share's first K/V tile is read before the wait for the previous kernel (programmatic
+        # dependent launch): the cache holds earlier steps' tokens, which no kernel of this step
+        # rewrites, and the lengths and tables are step inputs. The one exception, the new token this
+        # launch writes itself (ROTARY), is read again below. At batch 1 a share is often this one tile.
+        pos = start + offs_n
+        valid = pos < end
+        k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks, stride_kh,
+                        stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
     # Padded group rows load as zeros: their scores are finite (0), so they never produce NaN,
     # and their results are simply not stored.
     q_at = q_ptr + q_row * stride_qb + heads[:, None] * stride_qh
@@ -164,37 +214,29 @@ def _decode_kernel(
             dst_v = (slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs + kvh * stride_vh
             vn = tl.load(vn_ptr + q_row * stride_vnb + kvh * stride_vnh + offs_d)
             tl.store(v_ptr + dst_v + offs_d * stride_vd, vn.to(v_ptr.dtype.element_ty))
+            if PREFETCH:
+                if seq_len - 1 < start + BLOCK_N:  # the new token is in the tile read before its write
+                    tl.debug_barrier()
+                    k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb,
+                                    stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+                                    BLOCK_SIZE)
         tl.debug_barrier()
     q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    for start_n in range(start, end, BLOCK_N):
+    loop_from = start
+    if PREFETCH:
+        if start < end:  # not an empty sequence
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        loop_from = start + BLOCK_N
+    for start_n in range(loop_from, end, BLOCK_N):
         pos = start_n + offs_n
         valid = pos < end
-        # int64: num_blocks * block stride can pass 2**31 elements on large caches.
-        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_btn, mask=valid, other=0).to(tl.int64)
-        slot_off = pos % BLOCK_SIZE
-        k = tl.load(k_ptr + blk[:, None] * stride_kb + slot_off[:, None] * stride_ks
-                    + kvh * stride_kh + offs_d[None, :] * stride_kd,
-                    mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptr + blk[:, None] * stride_vb + slot_off[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :] * stride_vd,
-                    mask=valid[:, None], other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        # Every iteration holds at least one valid token, so m_new is finite and
-        # exp2(-inf - m_new) = 0 takes care of the first iteration and of masked tokens.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks, stride_kh,
+                        stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     out_row_ptr = out_ptr + out_row * stride_ob
     if active == 1:
@@ -221,13 +263,6 @@ def _decode_kernel(
                              out_row_ptr + h * stride_oh, active, stride_as, stride_ad, stride_ss, stride_sk,
                              stride_od, HEAD_DIM, SPLIT_PAD, ".cg")
             tl.atomic_xchg(ticket_at, 0)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM: the CPU/interpreter path just mirrors the main target
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
@@ -282,7 +317,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            workspace: DecodeWorkspace | None = None,
                            q_rows: torch.Tensor | None = None,
                            out_rows: torch.Tensor | None = None,
-                           new_tokens: NewTokens | None = None) -> torch.Tensor:
+                           new_tokens: NewTokens | None = None, prefetch: bool | None = None,
+                           pdl: bool = True) -> torch.Tensor:
     """softmax(q K^T * scale) V over each sequence's paged context; q [B, Hq, D] -> out [B, Hq, D].
 
     block_tables [B, max_blocks] and seq_lens [B] give the B sequences. With row maps (both or
@@ -291,7 +327,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_splits None: taken from `workspace` when given, else `choose_num_splits`. A workspace may
     have more splits and a larger batch than the call uses. new_tokens: q is not rotated yet, and the
     new tokens' K/V are not in the cache yet; the kernel rotates q, and writes the rotated key and the
-    value at each sequence's slot (q itself is left as it was).
+    value at each sequence's slot (q itself is left as it was). prefetch: read each program's first
+    K/V tile before waiting for the previous kernel (default: when the grid fits the SMs about twice,
+    where a launch is latency-bound; the early tile costs registers, ~140-170 a thread against ~100).
+    pdl: launch with programmatic dependent launch where the device supports it (see Invariants).
     """
     assert q.dim() == 3 and k_cache.dim() == 4, "q [B, Hq, D], caches [num_blocks, block_size, Hkv, D]"
     _, num_q_heads, head_dim = q.shape
@@ -340,6 +379,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         assert nt.key.shape[0] == q.shape[0] and nt.positions.shape == nt.slot_mapping.shape == (q.shape[0],)
         assert nt.cos_sin_cache.shape[1] == head_dim and nt.cos_sin_cache.stride(1) == 1, "bad cos_sin_cache"
 
+    pdl = pdl and pdl_supported(q.device)
+    if prefetch is None:
+        prefetch = batch * num_kv_heads * num_splits <= 2 * sm_count(q.device)
     # fp32 inputs: plain fp32 products (tl.dot would otherwise round them to TF32 on tensor cores).
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     unused = seq_lens  # a placeholder for the pointers a variant does not read
@@ -356,6 +398,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
         # One compiled variant for every split count the heuristic picks.
         SPLIT_PAD=max(MAX_SPLITS, triton.next_power_of_2(num_splits)), HAS_ROWS=has_rows, ROTARY=nt is not None,
-        num_warps=4,
+        GDC=pdl, PREFETCH=prefetch, num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )
     return out

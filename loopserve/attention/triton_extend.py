@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.attention.triton_decode import merge_splits, sm_count
+from loopserve.attention.triton_decode import merge_splits
+from loopserve.device_caps import sm_count
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.

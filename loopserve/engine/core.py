@@ -161,7 +161,8 @@ class EngineCore:
                                   num_host_blocks=num_host_blocks,
                                   prefill_graph_tokens=[] if config.enforce_eager else _prefill_graph_tokens(sched_cfg),
                                   prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs),
-                                  choose_fused_gemv_rows=choose_fused_rows)
+                                  choose_fused_gemv_rows=choose_fused_rows,
+                                  pdl=config.programmatic_dependent_launch)
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None

@@ -15,12 +15,18 @@ Grid: one program per BLOCK_N output features, every batch row at once, so the w
 once for the whole batch. Memory-bound by design: BLOCK_M is at most 4 rows. A program's latency is
 what a small model's step is made of, so each does few dependent round trips: the RMSNorm pre-pass
 reads a row in one load, and wide K tiles cover a small model's K in one or two iterations.
+
+On Hopper the kernels launch with programmatic dependent launch: each program reads its first weight
+tile, then waits for the previous kernel (which produced x), then lets the next kernel launch. A
+chain of GEMVs (and the decode attention, which does the same) so overlaps each kernel's launch and
+first weight reads with the one before it, instead of paying both between every two kernels.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from loopserve.device_caps import pdl_supported, sm_count
 from loopserve.model.fused_ops import HAS_TRITON, rms_norm_torch, silu_and_mul_torch, tl, triton
 
 # Rows (tokens) the fused path takes; larger batches use cuBLAS and the separate kernels.
@@ -42,11 +48,26 @@ def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 if HAS_TRITON:
 
     @triton.jit
+    def _x_tile(x_rows, NW, K, k, x_mask, inv_rms, act: tl.constexpr, NORM: tl.constexpr, SILU: tl.constexpr):
+        """The activations' K tile k, after the prologue, as fp32 values of the activation dtype."""
+        if SILU:
+            # x holds [gate | up], 2K wide.
+            g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            return (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
+        xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        if NORM:
+            nw = tl.load(NW + k, mask=k < K, other=0.0).to(tl.float32)
+            xv = (xv * inv_rms[:, None]).to(act).to(tl.float32)
+            xv = (xv * nw[None, :]).to(act).to(tl.float32)
+        return xv
+
+    @triton.jit
     def _gemv_kernel(X, W, BIAS, RES, NW, Y, M, N, K, eps,
                      stride_xm, stride_wn, stride_rm, stride_ym,
                      NORM: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NORM_BLOCK: tl.constexpr):
+                     NORM_BLOCK: tl.constexpr, GDC: tl.constexpr):
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,6 +75,17 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
         act = Y.dtype.element_ty
+        # The first weight tile comes before the wait: no kernel of a step writes weights, so under
+        # programmatic dependent launch it streams in while the previous kernel (whose output is x)
+        # finishes. At a small model's shapes that is the program's whole tile.
+        k_ok = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if GDC:
+            tl.extra.cuda.gdc_wait()
+            # The next kernel may launch now and fetch its own weights while this one works.
+            tl.extra.cuda.gdc_launch_dependents()
+        x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
+        inv_rms = tl.full([BLOCK_M], 1.0, tl.float32)
         if NORM:
             # The rows' sums of squares, NORM_BLOCK (>= K up to 8,192) at a time: one round trip to
             # L2 for a hidden size up to that, instead of a loop of dependent small loads.
@@ -61,29 +93,17 @@ if HAS_TRITON:
             ss = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, NORM_BLOCK):
                 kk = k0 + offs_nb
-                xv = tl.load(X + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                xv = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
                 ss += tl.sum(xv * xv, 1)
             inv_rms = 1.0 / tl.sqrt(ss / K + eps)
-        x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
         # Products accumulate per K lane and are reduced once after the loop: reducing across the
         # threads (and warps) that share a row in every iteration would put a barrier between the loads.
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        xv = _x_tile(x_rows, NW, K, offs_k, m_ok[:, None] & k_ok[None, :], inv_rms, act, NORM, SILU)
+        acc3 = xv[:, None, :] * w[None, :, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            if SILU:
-                # x holds [gate | up], 2K wide.
-                g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                xv = (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
-            else:
-                xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                if NORM:
-                    nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)
-                    xv = (xv * inv_rms[:, None]).to(act).to(tl.float32)
-                    xv = (xv * nw[None, :]).to(act).to(tl.float32)
+            xv = _x_tile(x_rows, NW, K, k, m_ok[:, None] & k_ok[None, :], inv_rms, act, NORM, SILU)
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             acc3 += xv[:, None, :] * w[None, :, :]
         acc = tl.sum(acc3, axis=2)
@@ -122,8 +142,6 @@ def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int
     # need two CTAs an SM, so its tiles double and K up to 1,024 takes one iteration. Not yet measured:
     # bench/gpu_diag.py --gemv sweeps tiles against cuBLAS, and fused_decode_gemv="auto" keeps cuBLAS
     # wherever it is faster.
-    from loopserve.attention.triton_decode import sm_count
-
     block_n = 16
     budget = 1024 if triton.cdiv(n, block_n) <= sm_count(device) else 512
     block_k = min(budget // triton.next_power_of_2(m), triton.next_power_of_2(k))
@@ -137,11 +155,12 @@ _MAX_NORM_BLOCK = 8192
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
                residual: torch.Tensor | None = None,
-               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               config: tuple[int, int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     """x [M <= 4, K] (or [M, 2K] with silu_mul), weight [N, K] (nn.Linear's) -> [M, N] in x's dtype.
     norm_weight: RMSNorm x first (eps); silu_mul: x is [gate | up], use silu(gate) * up; residual
     [M, N]: added to the rounded product. Not both norm and silu. config: (BLOCK_N, BLOCK_K,
-    num_warps, num_stages) instead of the default (bench/gpu_diag.py sweeps it)."""
+    num_warps, num_stages) instead of the default (bench/gpu_diag.py sweeps it). pdl: launch with
+    programmatic dependent launch where the device supports it (device_caps.pdl_supported)."""
     assert not (norm_weight is not None and silu_mul), "one prologue at most"
     problem = gemv_problem(x, weight)
     if problem is not None:
@@ -155,12 +174,14 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
     block_n, block_k, num_warps, num_stages = config or _config(m, n, k, x.device)
+    pdl = pdl and pdl_supported(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
         norm_weight if norm_weight is not None else weight, y, m, n, k, float(eps),
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         NORM=norm_weight is not None, SILU=silu_mul, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        NORM_BLOCK=min(triton.next_power_of_2(k), _MAX_NORM_BLOCK), num_warps=num_warps, num_stages=num_stages,
+        NORM_BLOCK=min(triton.next_power_of_2(k), _MAX_NORM_BLOCK), GDC=pdl, num_warps=num_warps,
+        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     return y

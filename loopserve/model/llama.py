@@ -183,16 +183,17 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
     def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
-                      batch: ForwardBatch) -> torch.Tensor:
+                      batch: ForwardBatch, pdl: bool = True) -> torch.Tensor:
         """The same layer for a few rows, on the hidden state itself (residual stream materialised):
         five GEMV kernels with the norms, the SiLU-mul and the residual adds inside them (model/gemv.py)."""
         attn, mlp = self.self_attn, self.mlp
         norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
-        qkv = fused_gemv(hs, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm_in.weight, eps=norm_in.eps)
+        qkv = fused_gemv(hs, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm_in.weight, eps=norm_in.eps,
+                         pdl=pdl)
         o = attn.attend_qkv(qkv, positions, rotary, batch)
-        hs = fused_gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=hs)
-        gate_up = fused_gemv(hs, mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps)
-        return fused_gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=hs)
+        hs = fused_gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=hs, pdl=pdl)
+        gate_up = fused_gemv(hs, mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps, pdl=pdl)
+        return fused_gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=hs, pdl=pdl)
 
 
 class DecoderModel(nn.Module):
@@ -222,6 +223,9 @@ class CausalLM(nn.Module):
         # Forwards of at most this many tokens take the fused small-batch GEMV layers (0: never); the
         # engine sets it from EngineConfig.fused_decode_gemv.
         self.fused_gemv_rows = 0
+        # Launch the fused GEMVs with programmatic dependent launch where the device has it (the runner
+        # sets it from EngineConfig.programmatic_dependent_launch).
+        self.use_pdl = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +237,7 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
             for layer in self.model.layers:
-                h = layer.forward_fused(h, positions, self.rotary, batch)
+                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl)
             h = self.model.norm(h)
             return h if out_rows is None else h.index_select(0, out_rows)
         residual = None

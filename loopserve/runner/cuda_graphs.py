@@ -56,13 +56,12 @@ def pick_fused_sizes(timings: dict[int, tuple[float, float]]) -> tuple[list[int]
     return sizes, eager_rows
 
 
-def _replay_ms(a: torch.cuda.CUDAGraph, b: torch.cuda.CUDAGraph, rounds: int = 3, reps: int = 10
-               ) -> tuple[float, float]:
-    """Milliseconds a replay of graph a and of graph b: in alternating rounds (drifting clocks and a
-    noisy neighbour weigh on both alike), the best round of each."""
-    best = [float("inf"), float("inf")]
+def replay_ms(*graphs: torch.cuda.CUDAGraph, rounds: int = 3, reps: int = 10) -> list[float]:
+    """Milliseconds a replay of each graph: in alternating rounds (drifting clocks and a noisy
+    neighbour weigh on all alike), the best round of each."""
+    best = [float("inf")] * len(graphs)
     for _ in range(rounds):
-        for i, graph in enumerate((a, b)):
+        for i, graph in enumerate(graphs):
             graph.replay()  # warm
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -71,7 +70,7 @@ def _replay_ms(a: torch.cuda.CUDAGraph, b: torch.cuda.CUDAGraph, rounds: int = 3
             end.record()
             end.synchronize()
             best[i] = min(best[i], start.elapsed_time(end) / reps)
-    return best[0], best[1]
+    return best
 
 
 class DecodeGraphs:
@@ -129,7 +128,7 @@ class DecodeGraphs:
         except (RuntimeError, ValueError) as e:  # the GEMV cannot take this model: keep cuBLAS
             log.warning("fused GEMV decode graphs not captured, cuBLAS kept: %s", e)
             fused = {}
-        self.fused_timings = {b: _replay_ms(self.graphs[b][0], fused[b][0]) for b in small if fused}
+        self.fused_timings = {b: tuple(replay_ms(self.graphs[b][0], fused[b][0])) for b in small if fused}
         self.fused_sizes, self.model.fused_gemv_rows = pick_fused_sizes(self.fused_timings)
         for b in self.fused_sizes:
             self.graphs[b] = fused[b]

@@ -14,6 +14,7 @@ import torch
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache, kv_cache_shape
 from loopserve.attention.triton_backend import make_backend
 from loopserve.config import ModelConfig
+from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
@@ -72,13 +73,14 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
                  num_host_blocks: int = 0, prefill_graph_tokens: list[int] | None = None,
-                 prefill_graph_max_seqs: int = 0, choose_fused_gemv_rows: int = 0) -> None:
+                 prefill_graph_max_seqs: int = 0, choose_fused_gemv_rows: int = 0, pdl: bool = True) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
         self.backend = make_backend(attention_backend, device)
+        self._set_pdl(pdl)
         self.structured = None  # StructuredOutputManager, set by the engine when a request is constrained
         use_graphs = bool(cuda_graph_sizes) and device.type == "cuda" and self.backend.needs_device_layout
         # With graphs, one block past the pool is the scratch block padding rows write to.
@@ -100,10 +102,24 @@ class ModelRunner:
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
-            self.graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
-                                       scratch_block=num_blocks, device=device,
-                                       choose_fused_gemv_rows=choose_fused_gemv_rows)
-            self.graphs.capture()
+
+            def decode_graphs() -> DecodeGraphs:
+                graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
+                                      scratch_block=num_blocks, device=device,
+                                      choose_fused_gemv_rows=choose_fused_gemv_rows)
+                graphs.capture()
+                return graphs
+
+            try:
+                self.graphs = decode_graphs()
+            except RuntimeError as e:
+                if not self.pdl:
+                    raise
+                # A driver that cannot capture programmatic launches: the same graphs with plain ones.
+                log.warning("decode graphs with programmatic dependent launch failed to capture (%s); "
+                            "capturing them without it", e)
+                self._set_pdl(False)
+                self.graphs = decode_graphs()
             if prefill_graph_tokens and prefill_graph_max_seqs:
                 self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.backend, prefill_graph_tokens,
                                                     prefill_graph_max_seqs, max_blocks, scratch_block=num_blocks,
@@ -113,6 +129,14 @@ class ModelRunner:
                 except RuntimeError as e:  # the decode graphs stand; prefill steps run eagerly
                     log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
                     self.prefill_graphs = None
+
+    def _set_pdl(self, pdl: bool) -> None:
+        """Programmatic dependent launch for the decode attention and fused GEMV kernels; `self.pdl`
+        says whether they use it (only where the device supports it)."""
+        self.pdl = pdl and self.backend.name == "triton" and pdl_supported(self.device)
+        self.model.use_pdl = self.pdl
+        if self.backend.name == "triton":
+            self.backend.pdl = self.pdl
 
     def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:

@@ -69,8 +69,11 @@ CHILD = textwrap.dedent('''
                 attrs[(i,)] = [["tt.divisibility", 16]]
         try:
             k = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
-            regs, spills = ptxas_usage(k.asm["ptx"])
-            results[name] = {"ok": True, "shared": k.metadata.shared, "registers": regs, "spill_bytes": spills}
+            ptx = k.asm["ptx"]
+            regs, spills = ptxas_usage(ptx)
+            results[name] = {"ok": True, "shared": k.metadata.shared, "registers": regs, "spill_bytes": spills,
+                             "gdc": [op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+                                     if op in ptx]}
         except Exception as e:
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
 
@@ -84,14 +87,16 @@ CHILD = textwrap.dedent('''
                            SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64,
                            HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
-    for rows, rotary in ((False, False), (True, False), (False, True)):
-        build(f"decode-rows{int(rows)}-rotary{int(rotary)}", td._decode_kernel,
+    for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
+                                   (False, True, False)):
+        build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,
               {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
                "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
                "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
                "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
               dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
-                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary),
+                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary, GDC=True,
+                   PREFETCH=prefetch),
               floats=("qk_scale",), num_warps=4,
               ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od"))
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
@@ -101,7 +106,7 @@ CHILD = textwrap.dedent('''
             build(f"gemv-{prologue}-m{rows}", gemv._gemv_kernel,
                   dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
                   dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
-                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=512 // rows, NORM_BLOCK=4096),
+                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=512 // rows, NORM_BLOCK=4096, GDC=True),
                   floats=("eps",), num_warps=8, num_stages=2)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
@@ -154,3 +159,11 @@ def test_decode_step_kernels_do_not_spill(compiled, kernel):
     if all(spills is None for _, spills in usage.values()):
         pytest.skip("ptxas -v gave no register report here")
     assert all(spills == 0 for _, spills in usage.values()), usage
+
+
+@pytest.mark.parametrize("kernel", ["decode-", "gemv-"])
+def test_decode_step_kernels_wait_for_their_predecessor(compiled, kernel):
+    """Launched with programmatic dependent launch on Hopper, these kernels must wait for the kernel
+    before them (griddepcontrol.wait) before reading its output, and let the next one launch."""
+    for name in (n for n in compiled if n.startswith(kernel)):
+        assert compiled[name]["gdc"] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"], name

@@ -110,15 +110,17 @@ def test_matches_reference(batch, dtype, hq, hkv, d, block_size, splits):
     torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, scale), atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
 @pytest.mark.parametrize("splits", [1, 3, "many"], ids=lambda s: f"splits{s}")
 @pytest.mark.parametrize("hq,hkv", HEADS, ids=[f"hq{a}-hkv{b}" for a, b in HEADS])
-def test_fp16_batch3(hq, hkv, splits):
-    """fp16 over the mixed batch (1 token, a block multiple, ~200) with padded table columns."""
+def test_fp16_batch3(hq, hkv, splits, prefetch):
+    """fp16 over the mixed batch (1 token, a block multiple, ~200) with padded table columns; with
+    each program's first tile read early (small grids) and in the loop (large grids)."""
     lens = case_lens(3, 16, 7)
     q, k, v, tables, lens_t = make_case(lens, hq, hkv, 64, 16, torch.float16, 7, torch.int32, extra_cols=2)
     if splits == "many":
         splits = tables.shape[1] + 2
-    out = paged_decode_attention(q, k, v, tables, lens_t, 0.125, num_splits=splits)
+    out = paged_decode_attention(q, k, v, tables, lens_t, 0.125, num_splits=splits, prefetch=prefetch)
     torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens_t, 0.125), atol=2e-3, rtol=0)
 
 
@@ -176,11 +178,13 @@ def test_row_maps_attend_in_place(splits):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=cuda_only)],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 1)])
-def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits):
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits, prefetch):
     """With new_tokens the kernel rotates q, writes the rotated key and the value at each sequence's
     slot and attends over them: the same cache and output as fused_ops' rotary + KV write followed by
     the plain decode call. The new tokens' slots hold stale values before, so a program that read its
-    slot before writing it would be caught."""
+    slot before writing it would be caught: with prefetch, the new token sits in a share's early tile
+    (lengths 1, 33, 64, and 70 split in two) and in a later one (70 unsplit)."""
     from loopserve.model.llama import RotaryEmbedding
 
     d, bs = 32, 4
@@ -202,7 +206,7 @@ def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits):
 
     q_before = q.clone()
     got = paged_decode_attention(q, k_cache, v_cache, tables, lens_t, d ** -0.5, num_splits=splits,
-                                 new_tokens=NewTokens(k_new, v_new, positions, cos_sin, slots))
+                                 new_tokens=NewTokens(k_new, v_new, positions, cos_sin, slots), prefetch=prefetch)
     assert torch.equal(q, q_before)  # q itself is not rotated in place
     flat = lambda c: c.flatten(0, 1)  # noqa: E731
     torch.testing.assert_close(flat(k_cache)[slots], flat(ref_kc)[slots], atol=ATOL[dtype], rtol=0)

@@ -109,6 +109,36 @@ def test_fused_gemv_auto_keeps_the_faster_graph(make_llm):
     assert all(len(o.outputs[0].token_ids) == 8 for o in llm.generate(_prompts()[:3], params))
 
 
+def test_pdl_only_where_the_device_has_it(make_llm):
+    """Programmatic dependent launch is on by default where the device has it (Hopper and later, CUDA)
+    and off when asked; the runner, the attention backend and the model's fused GEMVs agree."""
+    from loopserve.device_caps import pdl_supported
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for asked in (True, False):
+        llm = make_llm(attention_backend="triton", enforce_eager=True, programmatic_dependent_launch=asked)
+        runner = llm.engine.runner
+        assert runner.pdl == (asked and pdl_supported(device))
+        assert runner.backend.pdl == runner.pdl and llm.engine.model.use_pdl == runner.pdl
+    assert make_llm(attention_backend="torch", enforce_eager=True).engine.runner.pdl is False
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="programmatic dependent launch needs a Hopper (or later) GPU")
+@pytest.mark.parametrize("gemv", ["on", "off"])
+def test_pdl_graphs_equal_plain_launches(make_llm, gemv):
+    """Decode graphs whose attention and fused GEMV kernels launch with programmatic dependent launch
+    (each reads weights and old K/V before waiting for the kernel before it) decode the same greedy
+    tokens as graphs of plain launches, at batch sizes 1 to 5 (padded graphs)."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = []
+    for pdl in (True, False):
+        llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv=gemv, programmatic_dependent_launch=pdl)
+        assert llm.engine.runner.pdl is pdl and llm.engine.runner.graphs is not None
+        outs.append([[o.outputs[0].token_ids for o in llm.generate(_prompts()[:n], params)] for n in (1, 3, 5)])
+    assert outs[0] == outs[1]
+
+
 def test_pick_fused_sizes():
     from loopserve.runner.cuda_graphs import pick_fused_sizes
 

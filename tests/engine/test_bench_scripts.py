@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 
 def test_host_overhead_reports_both_modes(tiny_llama, tmp_path):
     from bench import host_overhead
@@ -42,9 +45,11 @@ def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
 
     out = tmp_path / "gpu.jsonl"
     gpu_decode.main(["engine", "--config", str(tiny_llama / "config.json"), "--device", "cpu", "--prompt-len", "8",
-                     "--output-len", "4", "--long-prompt-len", "0", "--fused-decode-gemv", "on", "--out", str(out)])
+                     "--output-len", "4", "--long-prompt-len", "0", "--fused-decode-gemv", "on", "--no-pdl",
+                     "--out", str(out)])
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["fused_decode_gemv"] == "on" and row["decode_tok_s"] > 0 and row["ttft_long_cold_s"] is None
+    assert row["pdl"] is False
 
 
 def test_gpu_decode_throughput_reports_its_steps(tiny_llama, tmp_path):
@@ -84,3 +89,16 @@ def test_gpu_diag_host_profiles_and_launch_costs(tiny_llama, tmp_path):
     assert set(rows) == {"diag_launch_cost_us", "diag_host_ttft", "diag_host_ttft_new_shape"}
     assert rows["diag_launch_cost_us"]["torch_add"] > 0
     assert rows["diag_host_ttft"]["ttft_ms"] > 0 and len(rows["diag_host_ttft"]["top"]) == 5
+
+
+def test_gpu_diag_gemv_chain_steps_agree():
+    """The GEMV-chain diagnostic's two step builders (timed in CUDA graphs on a GPU) run, and the fused
+    chain gives the same hidden state with and without programmatic dependent launch (on CPU, in
+    Triton's interpreter, where the switch only changes the kernel's constexpr)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from bench.gpu_diag import chain_steps
+
+    fused, cublas, weight_bytes = chain_steps(torch.device("cpu"), torch.float32, 2, 32, 64, 48)
+    assert weight_bytes == 2 * 4 * (64 * 32 + 32 * 32 + 96 * 32 + 32 * 48)
+    torch.testing.assert_close(fused(True), fused(False))
+    assert fused(True).shape == cublas().shape == (1, 32) and torch.isfinite(cublas()).all()
