@@ -119,7 +119,8 @@ class TritonPagedAttention:
 
         return self._derived(meta, "triton_decode_ws", make)
 
-    def _single_token_rows(self, meta: AttentionMetadata, device: torch.device):
+    @staticmethod
+    def _single_token_rows(meta: AttentionMetadata, device: torch.device):
         """Query rows, output rows, block tables and lengths of a mixed step's 1-token sequences (once a
         step). A captured graph puts its static buffers in `meta.derived` before capture."""
         def make():
@@ -127,7 +128,7 @@ class TritonPagedAttention:
             rows = to_device([meta.query_start_loc[i] for i in meta.decode_indices], torch.long, device)
             return rows, rows, meta.block_tables.index_select(0, idx), meta.seq_lens_t.index_select(0, idx)
 
-        return self._derived(meta, "triton_single_rows", make)
+        return TritonPagedAttention._derived(meta, "triton_single_rows", make)
 
 
 def make_backend(name: str, device: torch.device):

@@ -381,8 +381,8 @@ def rotary_qk_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
 
 
 def rotary_store_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                   cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> str | None:
+                         cos_sin_cache: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> str | None:
     problem = _rotary_problem(q, k, positions, cos_sin_cache) or _dtype_problem(v, key_cache, value_cache)
     if problem:
         return problem

@@ -133,9 +133,10 @@ class ModelRunner:
     def _set_pdl(self, pdl: bool) -> None:
         """Programmatic dependent launch for the decode attention and fused GEMV kernels; `self.pdl`
         says whether they use it (only where the device supports it)."""
-        self.pdl = pdl and self.backend.name == "triton" and pdl_supported(self.device)
+        triton_backend = self.backend.name == "triton"
+        self.pdl = pdl and triton_backend and pdl_supported(self.device)
         self.model.use_pdl = self.pdl
-        if self.backend.name == "triton":
+        if triton_backend:
             self.backend.pdl = self.pdl
 
     def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
