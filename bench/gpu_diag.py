@@ -9,8 +9,9 @@ configuration performs at the issue's two long shapes. One JSON line per finding
                   256 new and at an 8k cold prompt, Llama-3.1-8B attention shape.
   gemv_chain      (--gemv) a batch-1 step's linear layers in one CUDA graph: fused GEMVs with and
                   without programmatic dependent launch, and cuBLAS with the separate small kernels.
-  gemv_configs    (--gemv) the fused GEMV's (BLOCK_N, BLOCK_K, warps, stages) against cuBLAS at the 8B
-                  decode shapes, batch 1, in GB/s of weights read.
+  gemv_configs    (--gemv) the fused GEMV's tiles (BLOCK_N x BLOCK_K / warps: the startup tuner's
+                  candidates and a few more) against cuBLAS at the 8B decode shapes, batch 1, in GB/s
+                  of weights read.
 
     python -m bench.gpu_diag --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
 """
@@ -178,10 +179,11 @@ def extend_configs(device: str) -> list[dict]:
 
 
 def gemv_configs(device: str, rows: int) -> list[dict]:
-    """The fused GEMV's tiles against cuBLAS (F.linear) at the 8B decode shapes: GB/s of weights."""
+    """The fused GEMV's tiles (the startup tuner's candidates and a few more) against cuBLAS (F.linear)
+    at the 8B decode shapes, one kernel at a time: GB/s of weights."""
     import triton.testing
 
-    from loopserve.model.gemv import fused_gemv
+    from loopserve.model.gemv import GemvTile, candidate_tiles, fused_gemv
 
     dev = torch.device(device)
     out = []
@@ -191,29 +193,15 @@ def gemv_configs(device: str, rows: int) -> list[dict]:
         gb = n * k * 2 / 1e9
         ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w), warmup=5, rep=40)
         row = {"shape": name, "cublas_gb_s": round(gb / ms * 1e3, 1), "triton": []}
-        for cfg in ((16, 512, 8, 2), (16, 256, 4, 4), (8, 512, 4, 4), (32, 256, 8, 3), (16, 1024, 8, 2),
-                    (8, 1024, 8, 2), (4, 1024, 4, 4), (32, 128, 4, 4), (16, 128, 4, 6)):
+        extra = [GemvTile(*t) for t in ((16, 256, 4), (32, 128, 4), (8, 1024, 8), (16, 128, 4))]
+        for tile in candidate_tiles(n, dev) + extra:
             try:
-                ms = triton.testing.do_bench(lambda: fused_gemv(x, w, config=cfg), warmup=5, rep=40)
-                row["triton"].append({"config": list(cfg), "gb_s": round(gb / ms * 1e3, 1)})
+                ms = triton.testing.do_bench(lambda: fused_gemv(x, w, tile=tile), warmup=5, rep=40)
+                row["triton"].append({"tile": str(tile), "gb_s": round(gb / ms * 1e3, 1)})
             except Exception as e:  # out of registers or shared memory, say
-                row["triton"].append({"config": list(cfg), "error": type(e).__name__})
+                row["triton"].append({"tile": str(tile), "error": type(e).__name__})
         out.append(row)
     return [{"mode": "diag_gemv_configs", "rows": rows, "results": out}]
-
-
-def _captured(fn) -> torch.cuda.CUDAGraph:
-    """fn run twice on a side stream (compiles), then captured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def chain_steps(device: torch.device, dtype: torch.dtype, layers: int, hidden: int, qkv_n: int, inter: int):
@@ -263,7 +251,7 @@ def gemv_chain(device: str) -> list[dict]:
     the same plainly, and cuBLAS with the separate small kernels. ms a layer, from alternating replays
     (each layer has its own weights, so nothing stays in L2)."""
     from loopserve.device_caps import pdl_supported
-    from loopserve.runner.cuda_graphs import replay_ms
+    from loopserve.runner.cuda_graphs import capture_graph, replay_ms
 
     dev = torch.device(device)
     out = []
@@ -272,7 +260,8 @@ def gemv_chain(device: str) -> list[dict]:
         fused, cublas, weight_bytes = chain_steps(dev, torch.bfloat16, layers, hidden, qkv_n, inter)
         kinds = ("pdl", "plain", "cublas")
         try:
-            graphs = [_captured(lambda f=fused: f(True)), _captured(lambda f=fused: f(False)), _captured(cublas)]
+            graphs = [capture_graph(lambda f=fused: f(True)), capture_graph(lambda f=fused: f(False)),
+                      capture_graph(cublas)]
             ms = replay_ms(*graphs, rounds=5, reps=20)
             out.append({"shape": name, "layers": layers, "pdl_supported": pdl_supported(dev),
                         **{f"{k}_ms_per_layer": round(t / layers, 4) for k, t in zip(kinds, ms)},

@@ -14,14 +14,18 @@ the same values as the unfused one up to the GEMV's summation order.
 Grid: one program per BLOCK_N output features, every batch row at once, so the weight tile is read
 once for the whole batch. Memory-bound by design: BLOCK_M is at most 4 rows. A program's latency is
 what a small model's step is made of, so each does few dependent round trips: the RMSNorm pre-pass
-reads a row in one load, and wide K tiles cover a small model's K in one or two iterations.
+reads a row in one load, wide K tiles cover a small model's K in one or two iterations, and each
+tile's loads are issued an iteration before it is used. Which tile suits a shape is for the GPU to
+say: runner/gemv_tuning.py times the candidates below at startup.
 
-On Hopper the kernels launch with programmatic dependent launch: each program reads its first weight
-tile, then waits for the previous kernel (which produced x), then lets the next kernel launch. A
-chain of GEMVs (and the decode attention, which does the same) so overlaps each kernel's launch and
+On Hopper the kernels launch with programmatic dependent launch: each program reads its first two
+weight tiles, then waits for the previous kernel (which produced x), then lets the next kernel launch.
+A chain of GEMVs (and the decode attention, which does the same) so overlaps each kernel's launch and
 first weight reads with the one before it, instead of paying both between every two kernels.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +79,14 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
         act = Y.dtype.element_ty
-        # The first weight tile comes before the wait: no kernel of a step writes weights, so under
-        # programmatic dependent launch it streams in while the previous kernel (whose output is x)
-        # finishes. At a small model's shapes that is the program's whole tile.
-        k_ok = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        # Two weight tiles are in flight at a time: a tile's loads are issued an iteration before it is
+        # used (Triton does not pipeline loads that feed no dot). Both of the first two come before the
+        # wait: no kernel of a step writes weights, so under programmatic dependent launch they stream
+        # in while the previous kernel (whose output is x) finishes. At a small model's shapes that is
+        # the program's whole share of W.
+        w_cur = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        k_nxt = BLOCK_K + offs_k
+        w_nxt = tl.load(w_rows + k_nxt[None, :], mask=n_ok[:, None] & (k_nxt < K)[None, :], other=0.0)
         if GDC:
             tl.extra.cuda.gdc_wait()
             # The next kernel may launch now and fetch its own weights while this one works.
@@ -98,14 +105,15 @@ if HAS_TRITON:
             inv_rms = 1.0 / tl.sqrt(ss / K + eps)
         # Products accumulate per K lane and are reduced once after the loop: reducing across the
         # threads (and warps) that share a row in every iteration would put a barrier between the loads.
-        xv = _x_tile(x_rows, NW, K, offs_k, m_ok[:, None] & k_ok[None, :], inv_rms, act, NORM, SILU)
-        acc3 = xv[:, None, :] * w[None, :, :]
+        xv = _x_tile(x_rows, NW, K, offs_k, m_ok[:, None] & (offs_k < K)[None, :], inv_rms, act, NORM, SILU)
+        acc3 = xv[:, None, :] * w_cur.to(tl.float32)[None, :, :]
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + offs_k
-            k_ok = k < K
-            xv = _x_tile(x_rows, NW, K, k, m_ok[:, None] & k_ok[None, :], inv_rms, act, NORM, SILU)
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc3 += xv[:, None, :] * w[None, :, :]
+            w_cur = w_nxt
+            k_nxt = k + BLOCK_K
+            w_nxt = tl.load(w_rows + k_nxt[None, :], mask=n_ok[:, None] & (k_nxt < K)[None, :], other=0.0)
+            xv = _x_tile(x_rows, NW, K, k, m_ok[:, None] & (k < K)[None, :], inv_rms, act, NORM, SILU)
+            acc3 += xv[:, None, :] * w_cur.to(tl.float32)[None, :, :]
         acc = tl.sum(acc3, axis=2)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -130,22 +138,62 @@ def gemv_problem(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+@dataclass(frozen=True)
+class GemvTile:
+    """A program's share of the GEMV: block_n output features, block_k columns an iteration at batch 1
+    (a batch of m rows takes block_k / m, rounded to powers of two, so the accumulator's registers
+    stay the same), num_warps warps."""
+    block_n: int
+    block_k: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_k}/{self.num_warps}w"
+
+
+# The interpreter's tile: small, so the numpy emulation stays fast.
+_INTERPRETER_TILE = GemvTile(8, 32, 1)
+
+
+def default_tile(n: int, device: torch.device) -> GemvTile:
+    """The tile a GEMV of n output features uses untuned.
+
+    The [16, BLOCK_K] fp32 accumulator plus two weight tiles in flight (see the kernel) take ~100
+    registers a thread at 16 x 512 and 8 warps (ptxas, sm_90): two CTAs an SM, 64 KB of weights in
+    flight each, about HBM3's bandwidth-delay product. A grid that fits the SMs once over (a small
+    model's layers: 36-60 programs at the 135M shapes) does not need two CTAs an SM, so its tile
+    doubles and K up to 1,024 takes one iteration."""
     if device.type != "cuda":
-        return 8, 32, 1, 1  # interpreter: small tiles keep the numpy emulation fast
-    # The [BLOCK_M, 16, BLOCK_K] fp32 accumulator is 32 registers a thread at 8 warps: K tiles of 512 at
-    # batch 1, 256 at 2, 128 at 3-4. ptxas (sm_90) puts these kernels at 64-99 registers, two CTAs an SM
-    # (16 x 1024 tiles took 178: one). Across the grid that keeps a few MB of weights in flight per
-    # iteration (HBM3's bandwidth-delay product) without relying on the loop being pipelined. A grid
-    # that fits the SMs once over (a small model's layers: 36-60 programs at the 135M shapes) does not
-    # need two CTAs an SM, so its tiles double and K up to 1,024 takes one iteration. Not yet measured:
-    # bench/gpu_diag.py --gemv sweeps tiles against cuBLAS, and fused_decode_gemv="auto" keeps cuBLAS
-    # wherever it is faster.
-    block_n = 16
-    budget = 1024 if triton.cdiv(n, block_n) <= sm_count(device) else 512
-    block_k = min(budget // triton.next_power_of_2(m), triton.next_power_of_2(k))
-    return block_n, block_k, 8 if block_k >= 256 else 4, 2
+        return _INTERPRETER_TILE
+    fits_once = triton.cdiv(n, 16) <= sm_count(device)
+    return GemvTile(16, 1024 if fits_once else 512, 8)
+
+
+# The tiles the startup tuner (runner/gemv_tuning.py) times against the default on a GPU: a role's
+# GEMV over all its layers in a CUDA graph. By ptxas (sm_90, tests/attention/test_compile_hopper.py)
+# most take ~100 registers a thread: two CTAs an SM at 8 warps, four or five at 4. 8 x 128 / 4 warps
+# takes ~40 (a dozen CTAs an SM: the finest grid, one wave for any of the 8B shapes) and 16 x 1024 /
+# 8 warps ~190 (one CTA an SM, the largest tile). Not measured yet: the GPU picks.
+GPU_CANDIDATE_TILES = (GemvTile(16, 512, 8), GemvTile(8, 512, 4), GemvTile(32, 256, 8), GemvTile(8, 128, 4),
+                       GemvTile(4, 1024, 4), GemvTile(16, 1024, 8))
+INTERPRETER_CANDIDATE_TILES = (_INTERPRETER_TILE, GemvTile(16, 16, 1), GemvTile(4, 64, 2))
+
+
+def candidate_tiles(n: int, device: torch.device) -> list[GemvTile]:
+    """The tiles worth timing for a GEMV of n output features: the default first."""
+    tiles = [default_tile(n, device)]
+    for tile in GPU_CANDIDATE_TILES if device.type == "cuda" else INTERPRETER_CANDIDATE_TILES:
+        if tile not in tiles:
+            tiles.append(tile)
+    return tiles
+
+
+def launch_shape(tile: GemvTile, m: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for m rows and K columns: K tiles shrink as the rows grow, never
+    past K, and warps never outnumber 8 elements a thread."""
+    block_k = max(1, min(tile.block_k // triton.next_power_of_2(m), triton.next_power_of_2(k)))
+    num_warps = max(1, min(tile.num_warps, tile.block_n * block_k // 256))
+    return tile.block_n, block_k, num_warps
 
 
 # The largest row chunk the RMSNorm pre-pass loads at once (fp32 registers: BLOCK_M x this / threads).
@@ -155,12 +203,12 @@ _MAX_NORM_BLOCK = 8192
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
                residual: torch.Tensor | None = None,
-               config: tuple[int, int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
+               tile: GemvTile | None = None, pdl: bool = True) -> torch.Tensor:
     """x [M <= 4, K] (or [M, 2K] with silu_mul), weight [N, K] (nn.Linear's) -> [M, N] in x's dtype.
     norm_weight: RMSNorm x first (eps); silu_mul: x is [gate | up], use silu(gate) * up; residual
-    [M, N]: added to the rounded product. Not both norm and silu. config: (BLOCK_N, BLOCK_K,
-    num_warps, num_stages) instead of the default (bench/gpu_diag.py sweeps it). pdl: launch with
-    programmatic dependent launch where the device supports it (device_caps.pdl_supported)."""
+    [M, N]: added to the rounded product. Not both norm and silu. tile: the program's share instead of
+    default_tile (runner/gemv_tuning.py times candidates at startup). pdl: launch with programmatic
+    dependent launch where the device supports it (device_caps.pdl_supported)."""
     assert not (norm_weight is not None and silu_mul), "one prologue at most"
     problem = gemv_problem(x, weight)
     if problem is not None:
@@ -173,7 +221,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return y
     if residual is not None:
         assert residual.shape == (m, n) and residual.stride(1) == 1
-    block_n, block_k, num_warps, num_stages = config or _config(m, n, k, x.device)
+    block_n, block_k, num_warps = launch_shape(tile or default_tile(n, x.device), m, k)
     pdl = pdl and pdl_supported(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else y,
@@ -182,6 +230,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         NORM=norm_weight is not None, SILU=silu_mul, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
         NORM_BLOCK=min(triton.next_power_of_2(k), _MAX_NORM_BLOCK), GDC=pdl, num_warps=num_warps,
-        num_stages=num_stages, **({"launch_pdl": True} if pdl else {}),
+        # The kernel keeps its own two tiles in flight; Triton's pipeliner has no dot to pipeline.
+        num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

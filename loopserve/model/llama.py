@@ -17,7 +17,7 @@ from torch import nn
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
 from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
-from loopserve.model.gemv import fused_gemv
+from loopserve.model.gemv import GemvTile, fused_gemv
 
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
@@ -182,18 +182,32 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
-                      batch: ForwardBatch, pdl: bool = True) -> torch.Tensor:
-        """The same layer for a few rows, on the hidden state itself (residual stream materialised):
-        five GEMV kernels with the norms, the SiLU-mul and the residual adds inside them (model/gemv.py)."""
+    def gemv_roles(self) -> dict[str, tuple[nn.Linear, dict, bool]]:
+        """forward_fused's four GEMVs: role -> (its linear layer, prologue keywords for fused_gemv,
+        whether it adds the residual)."""
         attn, mlp = self.self_attn, self.mlp
         norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
-        qkv = fused_gemv(hs, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=norm_in.weight, eps=norm_in.eps,
-                         pdl=pdl)
-        o = attn.attend_qkv(qkv, positions, rotary, batch)
-        hs = fused_gemv(o, attn.o_proj.weight, attn.o_proj.bias, residual=hs, pdl=pdl)
-        gate_up = fused_gemv(hs, mlp.gate_up_proj.weight, norm_weight=norm_post.weight, eps=norm_post.eps, pdl=pdl)
-        return fused_gemv(gate_up, mlp.down_proj.weight, silu_mul=True, residual=hs, pdl=pdl)
+        return {"qkv": (attn.qkv_proj, dict(norm_weight=norm_in.weight, eps=norm_in.eps), False),
+                "o": (attn.o_proj, {}, True),
+                "gate_up": (mlp.gate_up_proj, dict(norm_weight=norm_post.weight, eps=norm_post.eps), False),
+                "down": (mlp.down_proj, dict(silu_mul=True), True)}
+
+    def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
+                      batch: ForwardBatch, pdl: bool = True, tiles: dict[str, GemvTile] | None = None) -> torch.Tensor:
+        """The same layer for a few rows, on the hidden state itself (residual stream materialised):
+        five kernels, four GEMVs with the norms, the SiLU-mul and the residual adds inside them
+        (model/gemv.py) and the attention. tiles: role -> GemvTile (the startup tuner's picks)."""
+        roles = self.gemv_roles()
+        tiles = tiles or {}
+
+        def gemv(role: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+            linear, prologue, _ = roles[role]
+            return fused_gemv(x, linear.weight, linear.bias, residual=residual, tile=tiles.get(role), pdl=pdl,
+                              **prologue)
+
+        o = self.self_attn.attend_qkv(gemv("qkv", hs), positions, rotary, batch)
+        hs = gemv("o", o, hs)
+        return gemv("down", gemv("gate_up", hs), hs)
 
 
 class DecoderModel(nn.Module):
@@ -226,6 +240,9 @@ class CausalLM(nn.Module):
         # Launch the fused GEMVs with programmatic dependent launch where the device has it (the runner
         # sets it from EngineConfig.programmatic_dependent_launch).
         self.use_pdl = True
+        # The fused GEMVs' tiles by role (DecoderLayer.gemv_roles); the runner's startup tuner sets them
+        # on a GPU, and a role without one takes gemv.default_tile.
+        self.gemv_tiles: dict[str, GemvTile] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -237,7 +254,7 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
             for layer in self.model.layers:
-                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl)
+                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_tiles)
             h = self.model.norm(h)
             return h if out_rows is None else h.index_select(0, out_rows)
         residual = None

@@ -43,6 +43,20 @@ def _capture_all(graphs: dict, forwards: list) -> None:
     torch.cuda.synchronize()
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn run twice on a side stream (compiles, autotunes, fills the allocator), then captured alone."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def pick_fused_sizes(timings: dict[int, tuple[float, float]]) -> tuple[list[int], int]:
     """From {batch size: (ms cuBLAS, ms fused GEMV)}: the sizes whose fused graph is faster, and the
     most tokens an eager forward may take through the fused layers (every timed size up to it chose

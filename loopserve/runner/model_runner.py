@@ -18,6 +18,7 @@ from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
+from loopserve.runner.gemv_tuning import RoleTiming, tune_gemv_tiles
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
 
@@ -99,11 +100,15 @@ class ModelRunner:
                         for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
         self.prefill_graphs = None
+        # role -> RoleTiming of the fused GEMV's startup tuning (empty when it did not run)
+        self.gemv_timings: dict[str, RoleTiming] = {}
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
 
             def decode_graphs() -> DecodeGraphs:
+                if choose_fused_gemv_rows or model.fused_gemv_rows:
+                    self._tune_gemv()
                 graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
                                       scratch_block=num_blocks, device=device,
                                       choose_fused_gemv_rows=choose_fused_gemv_rows)
@@ -129,6 +134,14 @@ class ModelRunner:
                 except RuntimeError as e:  # the decode graphs stand; prefill steps run eagerly
                     log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
                     self.prefill_graphs = None
+
+    def _tune_gemv(self) -> None:
+        """The fused GEMV's tiles, timed on this GPU (runner/gemv_tuning.py); on failure the defaults."""
+        try:
+            self.gemv_timings = tune_gemv_tiles(self.model)
+        except RuntimeError as e:  # a capture the driver refuses: the decode graphs' own capture says why
+            log.warning("fused GEMV tiles not tuned, defaults kept: %s", e)
+            self.model.gemv_tiles = {}
 
     def _set_pdl(self, pdl: bool) -> None:
         """Programmatic dependent launch for the decode attention and fused GEMV kernels; `self.pdl`

@@ -101,13 +101,17 @@ CHILD = textwrap.dedent('''
               ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od"))
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4, ones=("stride_ad", "stride_sk", "stride_od"))
-    for prologue in ("none", "norm", "silu"):
-        for rows in (1, 4):
-            build(f"gemv-{prologue}-m{rows}", gemv._gemv_kernel,
-                  dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
-                  dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
-                       BLOCK_M=rows, BLOCK_N=16, BLOCK_K=512 // rows, NORM_BLOCK=4096, GDC=True),
-                  floats=("eps",), num_warps=8, num_stages=2)
+    # Every tile the startup tuner may pick, as launched at 1 and 4 rows (8B shapes: K = 4,096).
+    for tile in gemv.GPU_CANDIDATE_TILES:
+        for prologue in ("none", "norm", "silu"):
+            for rows in (1, 4):
+                block_n, block_k, warps = gemv.launch_shape(tile, rows, 4096)
+                build(f"gemv-{tile}-{prologue}-m{rows}", gemv._gemv_kernel,
+                      dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
+                      dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False,
+                           HAS_RES=prologue != "norm", BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+                           NORM_BLOCK=4096, GDC=True),
+                      floats=("eps",), num_warps=warps, num_stages=1)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
           dict(HAS_RESIDUAL=True, BLOCK=4096), floats=("eps",), num_warps=16)

@@ -5,7 +5,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
 
-from loopserve.model.gemv import MAX_GEMV_ROWS, fused_gemv, gemv_torch  # noqa: E402
+from loopserve.model.gemv import (MAX_GEMV_ROWS, GemvTile, candidate_tiles, fused_gemv, gemv_torch,  # noqa: E402
+                                  launch_shape)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -43,14 +44,43 @@ def test_norm_over_a_row_wider_than_one_pre_pass_load():
     """The RMSNorm pre-pass loads up to 8,192 columns at once; wider rows take several loads."""
     x, w, gen = _inputs(2, 8, 9000, torch.float32, False, seed=9)
     nw = (1 + 0.1 * torch.randn(9000, generator=gen)).to(DEVICE)
-    got = fused_gemv(x, w, norm_weight=nw, eps=1e-6, config=(8, 2048, 1, 1))
+    got = fused_gemv(x, w, norm_weight=nw, eps=1e-6, tile=GemvTile(8, 4096, 1))  # 2,048 at 2 rows
     torch.testing.assert_close(got, gemv_torch(x, w, norm_weight=nw, eps=1e-6), atol=1e-4, rtol=1e-4)
 
 
 def test_explicit_tile_config():
     x, w, _ = _inputs(3, 40, 96, torch.float32, False, seed=5)
-    got = fused_gemv(x, w, config=(16, 64, 1, 1))  # BLOCK_K above K's remainder: masked tail
+    got = fused_gemv(x, w, tile=GemvTile(16, 256, 1))  # 64 at 3 rows, above K's remainder: masked tail
     torch.testing.assert_close(got, gemv_torch(x, w), atol=2e-5, rtol=0)
+
+
+def test_launch_shape_scales_k_tiles_with_the_rows():
+    tile = GemvTile(16, 512, 8)
+    assert launch_shape(tile, 1, 4096) == (16, 512, 8)
+    assert launch_shape(tile, 2, 4096) == (16, 256, 8)
+    assert launch_shape(tile, 3, 4096) == (16, 128, 8)  # rows round up to 4
+    assert launch_shape(tile, 1, 70) == (16, 128, 8)    # never past K
+    # warps never outnumber 8 elements a thread
+    assert launch_shape(GemvTile(8, 256, 4), 4, 4096) == (8, 64, 2)
+    assert launch_shape(GemvTile(8, 32, 1), 4, 70) == (8, 8, 1)
+
+
+@pytest.mark.parametrize("k", [70, 300], ids=["k-in-one-tile", "k-over-many-tiles"])
+@pytest.mark.parametrize("kind", ["norm", "silu_residual"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_every_candidate_tile_matches(kind, m, k):
+    """The tiles the startup tuner may pick, with a K inside one tile (the second tile in flight is all
+    masked) and over several (each tile's loads issued an iteration ahead, a masked tail)."""
+    n = 45
+    silu = kind.startswith("silu")
+    x, w, gen = _inputs(m, n, k, torch.float32, silu, seed=m + k)
+    kw = dict(silu_mul=True, residual=torch.randn(m, n, generator=gen).to(DEVICE)) if silu else dict(
+        norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE), eps=1e-5)
+    want = gemv_torch(x, w, **kw)
+    tiles = candidate_tiles(n, DEVICE)
+    assert len(tiles) == len(set(tiles)) >= 3
+    for tile in tiles:
+        torch.testing.assert_close(fused_gemv(x, w, tile=tile, **kw), want, atol=2e-5, rtol=2e-5, msg=str(tile))
 
 
 def test_strided_rows_and_refusals():
