@@ -7,7 +7,9 @@ fixed batch size, reading its inputs from static buffers. A step with n sequence
 into the buffers of the smallest captured size b >= n and replays; rows n..b-1 are padding that
 attends to one token of a scratch KV block (one block past the pool, never handed out), so they
 cannot touch real cache entries. Only the attention backend's device-side layout is used inside the
-graph (Triton kernels, no host synchronisation); sampling runs after the replay, outside it.
+graph (Triton kernels, no host synchronisation). The graph ends with the logits' greedy argmax
+(runner/argmax.py), which an all-greedy step takes as its tokens; other sampling runs after the
+replay, outside it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import logging
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.runner.argmax import greedy_argmax
 from loopserve.runner.host_copy import to_device
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,9 @@ class DecodeGraphs:
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # {batch size: (graph, (logits, greedy argmax))}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last replay's (logits, argmax)
 
     def _batch(self, b: int) -> ForwardBatch:
         meta = AttentionMetadata(query_start_loc=list(range(b + 1)), seq_lens=[1] * b,
@@ -123,9 +128,11 @@ class DecodeGraphs:
                                  max_query_len=1)
         return ForwardBatch(meta, self.kv_caches, self.backend)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits [b, vocab] and their greedy argmax [b]."""
         hidden = self.model(self.input_ids[:b], self.positions[:b], self._batch(b))
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return logits, greedy_argmax(logits)
 
     def capture(self) -> None:
         """Capture every size, largest first, all in one memory pool (the largest sets its size)."""
@@ -167,9 +174,19 @@ class DecodeGraphs:
             self.slot_mapping[n:b].fill_(self.scratch_slot)
             self.block_tables[n:b, 0].fill_(self.scratch_block)
             self.seq_lens[n:b].fill_(1)
-        graph, logits = self.graphs[b]
+        graph, (logits, argmax) = self.graphs[b]
         graph.replay()
-        return logits[:n]
+        self._last = (logits[:n], argmax[:n])
+        return self._last[0]
+
+    def argmax_of(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The graph's own greedy argmax of `logits` if they are what the last replay returned (and
+        nothing has edited them since: the caller's promise); else None. Like the logits, it is a
+        static buffer: valid until the next replay, which stream order puts after every use queued
+        before it."""
+        if self._last is None or logits is not self._last[0]:
+            return None
+        return self._last[1]
 
 
 class PrefillGraphs:

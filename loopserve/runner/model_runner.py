@@ -314,6 +314,8 @@ class ModelRunner:
             self.structured.apply_masks(logits, *masks)
         rows = [SamplingRow(s.request.params, s.request.prompt_token_ids, s.request.output_token_ids,
                             s.request.generator) for s in sampling]
-        batch = self.sampler.sample_batch(logits, rows)
+        # A decode graph's own argmax, unless masks edited its logits since
+        greedy = self.graphs.argmax_of(logits) if self.graphs is not None and masks is None else None
+        batch = self.sampler.sample_batch(logits, rows, greedy_ids=greedy)
         batch.start_copy()
         return LaunchedStep(out, sampling, batch)

@@ -117,8 +117,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
         return self.sample_batch(logits, rows).tokens()
 
-    def sample_batch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
-        """The step's tokens (and logprobs) as device tensors; on CUDA nothing here waits for the device."""
+    def sample_batch(self, logits: torch.Tensor, rows: list[SamplingRow],
+                     greedy_ids: torch.Tensor | None = None) -> SampledBatch:
+        """The step's tokens (and logprobs) as device tensors; on CUDA nothing here waits for the device.
+        greedy_ids: the logits' argmax, already computed (a decode graph's); an all-greedy step with
+        nothing to edit takes it as its tokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         if not rows:
@@ -129,7 +132,7 @@ class Sampler:
 
         # Hot path: all greedy, nothing to edit, no logprobs -> a bare argmax.
         if not (want_logprobs or needs_min_tokens or needs_rep or needs_pres_freq or sample_rows):
-            return SampledBatch(logits.argmax(dim=-1), [], [])
+            return SampledBatch(logits.argmax(dim=-1) if greedy_ids is None else greedy_ids, [], [])
 
         x = self._process(logits, rows, vocab, needs_min_tokens, needs_rep, needs_pres_freq)
         if len(sample_rows) == num_rows:

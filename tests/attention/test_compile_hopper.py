@@ -36,6 +36,7 @@ CHILD = textwrap.dedent('''
     from triton.compiler import ASTSource
     from loopserve.attention import triton_decode as td, triton_extend as te
     from loopserve.model import fused_ops as fo, gemv
+    from loopserve.runner import argmax
 
     HOPPER = GPUTarget("cuda", 90, 32)
     results = {}
@@ -121,6 +122,10 @@ CHILD = textwrap.dedent('''
           dict(BLOCK_H=16, BLOCK_D=64, STORE_KV=True), num_warps=4)
     build("silu-mul", fo._silu_and_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
           num_warps=4)
+    build("argmax-chunk", argmax._chunk_argmax_kernel, {"x_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i64"},
+          dict(CHUNK=argmax.CHUNK), num_warps=4)
+    build("argmax-merge", argmax._merge_argmax_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*i64"},
+          dict(BLOCK=32), num_warps=1)
     json.dump(results, sys.stdout)
 ''')
 
@@ -147,7 +152,7 @@ def _assert_built(compiled: dict, prefix: str) -> None:
         assert compiled[n]["shared"] <= 228 * 1024, f"{n} needs {compiled[n]['shared']} bytes of shared memory"
 
 
-@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul"])
+@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul", "argmax-"])
 def test_compiles_for_sm90(compiled, kernel):
     _assert_built(compiled, kernel)
 

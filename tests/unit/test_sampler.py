@@ -39,6 +39,23 @@ def test_greedy_is_argmax():
                for o in out)
 
 
+def test_precomputed_argmax_serves_only_plain_greedy_steps():
+    """A decode graph's own argmax (greedy_ids) is the step's tokens when every row is greedy with
+    nothing to edit; a row that samples, penalises or asks for logprobs makes the sampler work from
+    the logits."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    stand_in = torch.tensor([7, 8, 9])  # not the argmax: shows which one was used
+    s = Sampler([EOS])
+    plain = s.sample_batch(logits, [row(temperature=0.0)] * 3, greedy_ids=stand_in)
+    assert plain.token_ids is stand_in
+    for edited in (dict(temperature=0.0, logprobs=1), dict(temperature=0.0, repetition_penalty=1.3),
+                   dict(temperature=0.0, presence_penalty=0.5), dict(temperature=0.9, seed=1)):
+        rows = [row(temperature=0.0), row(output=[4], **edited), row(temperature=0.0)]
+        got = [t.token_id for t in s.sample_batch(logits, rows, greedy_ids=stand_in).tokens()]
+        assert got[0] == logits[0].argmax().item() and got[2] == logits[2].argmax().item(), edited
+
+
 def test_greedy_tie_takes_first_and_input_not_modified():
     logits = torch.tensor([[0.0, 5.0, 5.0, 1.0]])
     before = logits.clone()
