@@ -155,3 +155,34 @@ def with_prefill_graphs():
         return served
 
     return attach
+
+
+@pytest.fixture
+def with_decode_graphs():
+    """Give an eager Triton LLM decode graphs built (not captured: each step runs the static forward a
+    replay would, on the padded static buffers) over a pool grown by a scratch block; returns the graph
+    size each step used."""
+
+    def attach(llm, sizes: list[int]) -> list[int]:
+        from loopserve.attention.metadata import KVCache
+        from loopserve.runner.cuda_graphs import DecodeGraphs
+
+        runner = llm.engine.runner
+        runner.kv_caches = [KVCache(torch.cat([c.key, c.key[:1]]), torch.cat([c.value, c.value[:1]]), c.heads_outer)
+                            for c in runner.kv_caches]
+        scratch = runner.kv_caches[0].key.shape[0] - 1
+        max_blocks = -(-llm.engine.max_model_len // runner.block_size)
+        graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_blocks,
+                              scratch_block=scratch, device=runner.device)
+        served = []
+        orig = graphs._forward
+
+        def forward(b):
+            served.append(b)
+            return orig(b)
+
+        graphs._forward = forward
+        runner.graphs = graphs
+        return served
+
+    return attach

@@ -83,6 +83,27 @@ def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     assert {w for _, w in served} == {True, False} and len({t for t, _ in served}) >= 2
 
 
+@pytest.mark.parametrize("fused_gemv", ["off", "on"])
+def test_decode_graph_layout_equals_torch(make_llm, with_decode_graphs, fused_gemv, monkeypatch):
+    """The static layout a decode graph replays (rows padded to the graph's size with the scratch
+    block, the graph's own greedy argmax as the tokens) gives the torch reference's greedy tokens,
+    with the cuBLAS layers and with the fused GEMVs, under overlap scheduling. Run eagerly here (in
+    the interpreter on CPU): what the graph would capture, fed exactly as a replay is."""
+    from loopserve.runner.sampler import Sampler
+
+    ref = _run(make_llm(attention_backend="torch", enforce_eager=True), staggered=False)
+    llm = make_llm(attention_backend="triton", overlap_scheduling=True, enforce_eager=True,
+                   fused_decode_gemv=fused_gemv)
+    served = with_decode_graphs(llm, sizes=[1, 2, 8])
+    greedy_given = []
+    orig = Sampler.sample_batch
+    monkeypatch.setattr(Sampler, "sample_batch", lambda self, logits, rows, greedy_ids=None: greedy_given.append(
+        greedy_ids is not None) or orig(self, logits, rows, greedy_ids))
+    assert _run(llm, staggered=False) == ref
+    # Five sequences decode together, padded to a graph of 8.
+    assert served and set(served) == {8} and greedy_given.count(True) == len(served)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_prefill_equals_eager(make_llm):
     """Captured prefill graphs (prefills, prefix-cache extends, chunked and mixed steps) against eager."""
