@@ -161,7 +161,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
             # "auto": each small decode graph's startup timing, {batch: [ms cuBLAS, ms fused]}, and the winners
             "fused_gemv_timings": getattr(core.runner.graphs, "fused_timings", None) or None,
             "fused_gemv_sizes": getattr(core.runner.graphs, "fused_sizes", None),
-            "gemv_tiles": {role: {"chosen": str(t.chosen), "ms": t.ms} for role, t in core.runner.gemv_timings.items()}
+            "gemv_choices": {role: {"chosen": str(t.chosen), "ms": t.ms} for role, t in core.runner.gemv_timings.items()}
             or None,
             "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,

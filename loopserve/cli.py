@@ -282,8 +282,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(default: on for CUDA, off on CPU; always off with speculative decoding)")
     p.add_argument("--fused-decode-gemv", default="auto", choices=list(FUSED_DECODE_GEMV_MODES),
                    help="batch 1-4 decode layers as Triton GEMVs with the norms, SiLU-mul and residual adds "
-                        "fused in; auto: per CUDA-graph batch size, whichever of that and cuBLAS timed faster "
-                        "at startup (default: auto)")
+                        "fused in (each GEMV's tile, or cuBLAS, timed per role at startup); auto: per "
+                        "CUDA-graph batch size, whichever of that and cuBLAS timed faster at startup "
+                        "(default: auto)")
     p.add_argument("--pdl", default=True, action=argparse.BooleanOptionalAction,
                    help="programmatic dependent launch for the decode kernels on Hopper and later: each may "
                         "start while the one before it finishes (default: on)")

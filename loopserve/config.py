@@ -249,8 +249,10 @@ class EngineConfig:
     # small kernels. "auto": each CUDA-graph decode batch size up to MAX_GEMV_ROWS is captured both ways
     # and timed at startup, and the faster graph kept (eager forwards follow the choice of the sizes from
     # 1 up); without CUDA graphs, off. "on" / "off": always / never. On CPU "on" needs Triton's
-    # interpreter (tests only). The first GEMV (H200, sixth session) ran at 2.1 TB/s against cuBLAS's
-    # 3.7; "auto" keeps whichever is faster on the card at hand.
+    # interpreter (tests only). With graphs ("auto" or "on"), each role's GEMV (qkv, o, gate_up, down) is
+    # first tuned at startup: the kernel's candidate tiles and cuBLAS with separate kernels, timed over
+    # all layers (runner/gemv_tuning.py). The first GEMV (H200, sixth session) ran at 2.1 TB/s against
+    # cuBLAS's 3.7; "auto" keeps whichever is faster on the card at hand.
     fused_decode_gemv: str = "auto"
     # On Hopper and later, the decode attention and fused GEMV kernels launch with programmatic dependent
     # launch: each may start while the kernel before it finishes, reading weights (and old K/V) before it

@@ -31,22 +31,29 @@ import torch
 import torch.nn.functional as F
 
 from loopserve.device_caps import pdl_supported, sm_count
-from loopserve.model.fused_ops import HAS_TRITON, rms_norm_torch, silu_and_mul_torch, tl, triton
+from loopserve.model.fused_ops import HAS_TRITON, rms_norm, silu_and_mul, tl, triton
 
 # Rows (tokens) the fused path takes; larger batches use cuBLAS and the separate kernels.
 MAX_GEMV_ROWS = 4
 
 
-def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-               norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: the separate ops the kernel fuses, in the model's order and precision."""
+def unfused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
+                 residual: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
+    """What the kernel fuses, one op at a time in the model's order and precision: the prologue as its
+    own kernel (fused_ops: Triton on a GPU), cuBLAS, the residual add. use_triton=False: the torch
+    reference throughout."""
     if norm_weight is not None:
-        x = rms_norm_torch(x, norm_weight, eps)
+        x = rms_norm(x, norm_weight, eps, use_triton=use_triton)
     if silu_mul:
-        x = silu_and_mul_torch(x)
+        x = silu_and_mul(x, use_triton=use_triton)
     y = F.linear(x, weight, bias)
     return y if residual is None else y + residual
+
+
+def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """Reference: the separate ops the kernel fuses, in torch."""
+    return unfused_gemv(x, weight, bias, use_triton=False, **kw)
 
 
 if HAS_TRITON:
@@ -186,6 +193,20 @@ def candidate_tiles(n: int, device: torch.device) -> list[GemvTile]:
         if tile not in tiles:
             tiles.append(tile)
     return tiles
+
+
+# A role's other choice: cuBLAS, with the prologue and the residual add as kernels of their own.
+CUBLAS = "cublas"
+GemvChoice = GemvTile | str
+
+
+def gemv_by(choice: GemvChoice | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+            pdl: bool = True, **kw) -> torch.Tensor:
+    """A fused-layer GEMV as the startup tuner chose for its role: fused_gemv with the tile `choice`
+    (None: the default one), or unfused_gemv where the choice is CUBLAS."""
+    if choice == CUBLAS:
+        return unfused_gemv(x, weight, bias, **kw)
+    return fused_gemv(x, weight, bias, tile=choice, pdl=pdl, **kw)
 
 
 def launch_shape(tile: GemvTile, m: int, k: int) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ from torch import nn
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
 from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
-from loopserve.model.gemv import GemvTile, fused_gemv
+from loopserve.model.gemv import GemvChoice, gemv_by
 
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
@@ -193,17 +193,18 @@ class DecoderLayer(nn.Module):
                 "down": (mlp.down_proj, dict(silu_mul=True), True)}
 
     def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
-                      batch: ForwardBatch, pdl: bool = True, tiles: dict[str, GemvTile] | None = None) -> torch.Tensor:
+                      batch: ForwardBatch, pdl: bool = True, choices: dict[str, GemvChoice] | None = None
+                      ) -> torch.Tensor:
         """The same layer for a few rows, on the hidden state itself (residual stream materialised):
         five kernels, four GEMVs with the norms, the SiLU-mul and the residual adds inside them
-        (model/gemv.py) and the attention. tiles: role -> GemvTile (the startup tuner's picks)."""
+        (model/gemv.py) and the attention. choices: role -> a GemvTile, or CUBLAS for a role that
+        runs faster as cuBLAS and separate kernels (the startup tuner's picks)."""
         roles = self.gemv_roles()
-        tiles = tiles or {}
+        choices = choices or {}
 
         def gemv(role: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             linear, prologue, _ = roles[role]
-            return fused_gemv(x, linear.weight, linear.bias, residual=residual, tile=tiles.get(role), pdl=pdl,
-                              **prologue)
+            return gemv_by(choices.get(role), x, linear.weight, linear.bias, residual=residual, pdl=pdl, **prologue)
 
         o = self.self_attn.attend_qkv(gemv("qkv", hs), positions, rotary, batch)
         hs = gemv("o", o, hs)
@@ -240,9 +241,9 @@ class CausalLM(nn.Module):
         # Launch the fused GEMVs with programmatic dependent launch where the device has it (the runner
         # sets it from EngineConfig.programmatic_dependent_launch).
         self.use_pdl = True
-        # The fused GEMVs' tiles by role (DecoderLayer.gemv_roles); the runner's startup tuner sets them
-        # on a GPU, and a role without one takes gemv.default_tile.
-        self.gemv_tiles: dict[str, GemvTile] = {}
+        # The fused layers' GEMV choices by role (DecoderLayer.gemv_roles): a tile, or cuBLAS. The
+        # runner's startup tuner sets them on a GPU; a role without one takes gemv.default_tile.
+        self.gemv_choices: dict[str, GemvChoice] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,7 +255,7 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
             for layer in self.model.layers:
-                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_tiles)
+                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_choices)
             h = self.model.norm(h)
             return h if out_rows is None else h.index_select(0, out_rows)
         residual = None

@@ -1,12 +1,14 @@
-"""Startup tuning of the fused GEMV's tiles, on the GPU that serves.
+"""Startup tuning of the fused layers' GEMVs, on the GPU that serves.
 
-Which share of a GEMV a program should take (model/gemv.py: GemvTile) depends on the weights' shape,
-the number of SMs, HBM's latency and what programmatic dependent launch overlaps. Nothing about that
-can be settled away from the device, so before the decode graphs are captured the runner times each
-candidate tile per role of the layer (qkv, o, gate_up, down) the way a batch-1 decode step runs it:
-that role's GEMV over every layer's own weights, one after the other in a CUDA graph, so no layer's
-weights are still in L2 and each kernel follows another of its kind. The fastest tile of each role is
-kept in `model.gemv_tiles`. Batches of 2-4 rows use the same tiles with K tiles scaled down.
+Which share of a GEMV a program should take (model/gemv.py: GemvTile), and whether a role is better
+left to cuBLAS, depends on the weights' shape, the number of SMs, HBM's latency and what
+programmatic dependent launch overlaps. Nothing about that can be settled away from the device, so
+before the decode graphs are captured the runner times each candidate per role of the layer (qkv, o,
+gate_up, down) the way a batch-1 decode step runs it: that role's GEMV over every layer's own
+weights, one after the other in a CUDA graph, so no layer's weights are still in L2 and each kernel
+follows another of its kind. The candidates are the fused kernel's tiles and cuBLAS with the
+prologue and the residual add as kernels of their own (gemv.CUBLAS). The fastest choice of each role
+is kept in `model.gemv_choices`; batches of 2-4 rows use the same choices, K tiles scaled down.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loopserve.model.gemv import GemvTile, candidate_tiles, fused_gemv
+from loopserve.model.gemv import CUBLAS, GemvChoice, candidate_tiles, gemv_by
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,8 @@ TimeFn = Callable[[Sequence[Callable[[], object]]], list[float]]
 
 @dataclass
 class RoleTiming:
-    """One role's candidates and their ms per chain (a GEMV per layer), and the tile kept."""
-    chosen: GemvTile
+    """One role's candidates and their ms per chain (a GEMV per layer), and the choice kept."""
+    chosen: GemvChoice
     ms: dict[str, float]
 
 
@@ -40,15 +42,14 @@ def time_in_graphs(fns: Sequence[Callable[[], object]]) -> list[float]:
 
 
 @torch.inference_mode()
-def tune_gemv_tiles(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) -> dict[str, RoleTiming]:
-    """Time every candidate tile of each role of `model`'s fused layers (batch 1) and set
-    `model.gemv_tiles` to the fastest. A candidate the compiler rejects (out of registers or shared
-    memory, say) is left out; the default tile is always a candidate."""
+def tune_gemv_choices(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) -> dict[str, RoleTiming]:
+    """Time every candidate of each role of `model`'s fused layers (batch 1) and set
+    `model.gemv_choices` to the fastest. A tile the compiler rejects (out of registers or shared
+    memory, say) is left out."""
     layers = list(model.model.layers)
-    first = layers[0].gemv_roles()
     timings: dict[str, RoleTiming] = {}
-    tiles: dict[str, GemvTile] = {}
-    for role, (linear, prologue, with_residual) in first.items():
+    choices: dict[str, GemvChoice] = {}
+    for role, (linear, prologue, with_residual) in layers[0].gemv_roles().items():
         weight = linear.weight
         n, k = weight.shape
         gen = torch.Generator(device=weight.device).manual_seed(0)
@@ -57,27 +58,25 @@ def tune_gemv_tiles(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) ->
         residual = torch.randn(1, n, generator=gen, device=weight.device, dtype=weight.dtype) if with_residual else None
         calls = [layer.gemv_roles()[role] for layer in layers]
 
-        def chain(tile: GemvTile) -> torch.Tensor:
+        def chain(choice: GemvChoice) -> torch.Tensor:
             y = None
             for lin, pro, _ in calls:
-                y = fused_gemv(x, lin.weight, lin.bias, residual=residual, tile=tile, pdl=model.use_pdl, **pro)
+                y = gemv_by(choice, x, lin.weight, lin.bias, residual=residual, pdl=model.use_pdl, **pro)
             return y
 
-        runnable = []
-        for tile in candidate_tiles(n, weight.device):
+        runnable: list[GemvChoice] = []
+        for choice in [*candidate_tiles(n, weight.device), CUBLAS]:
             try:
-                chain(tile)  # compiles it
+                chain(choice)  # compiles it
             except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the tile is out
-                log.info("GEMV tile %s for %s (%d x %d) left out: %s", tile, role, n, k, e)
+                log.info("GEMV choice %s for %s (%d x %d) left out: %s", choice, role, n, k, e)
                 continue
-            runnable.append(tile)
-        if not runnable:  # the fused decode graphs then fail to capture, and cuBLAS is kept
-            continue
-        ms = time_fn([functools.partial(chain, tile) for tile in runnable])
-        best = min(range(len(runnable)), key=ms.__getitem__)
-        tiles[role] = runnable[best]
-        timings[role] = RoleTiming(runnable[best], {str(t): round(v, 4) for t, v in zip(runnable, ms)})
-    model.gemv_tiles = tiles
-    log.info("fused GEMV tiles (ms over %d layers): %s", len(layers),
+            runnable.append(choice)
+        ms = time_fn([functools.partial(chain, choice) for choice in runnable])
+        best = runnable[min(range(len(runnable)), key=ms.__getitem__)]
+        choices[role] = best
+        timings[role] = RoleTiming(best, {str(c): round(v, 4) for c, v in zip(runnable, ms)})
+    model.gemv_choices = choices
+    log.info("fused-layer GEMV choices (ms over %d layers): %s", len(layers),
              {role: (str(t.chosen), t.ms) for role, t in timings.items()})
     return timings

@@ -18,7 +18,7 @@ from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
-from loopserve.runner.gemv_tuning import RoleTiming, tune_gemv_tiles
+from loopserve.runner.gemv_tuning import RoleTiming, tune_gemv_choices
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
 
@@ -100,7 +100,7 @@ class ModelRunner:
                         for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
         self.prefill_graphs = None
-        # role -> RoleTiming of the fused GEMV's startup tuning (empty when it did not run)
+        # role -> RoleTiming of the fused layers' startup GEMV tuning (empty when it did not run)
         self.gemv_timings: dict[str, RoleTiming] = {}
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -136,12 +136,13 @@ class ModelRunner:
                     self.prefill_graphs = None
 
     def _tune_gemv(self) -> None:
-        """The fused GEMV's tiles, timed on this GPU (runner/gemv_tuning.py); on failure the defaults."""
+        """The fused layers' GEMV choices, timed on this GPU (runner/gemv_tuning.py); on failure the
+        default tiles."""
         try:
-            self.gemv_timings = tune_gemv_tiles(self.model)
+            self.gemv_timings = tune_gemv_choices(self.model)
         except RuntimeError as e:  # a capture the driver refuses: the decode graphs' own capture says why
-            log.warning("fused GEMV tiles not tuned, defaults kept: %s", e)
-            self.model.gemv_tiles = {}
+            log.warning("fused GEMV choices not tuned, default tiles kept: %s", e)
+            self.model.gemv_choices = {}
 
     def _set_pdl(self, pdl: bool) -> None:
         """Programmatic dependent launch for the decode attention and fused GEMV kernels; `self.pdl`

@@ -115,10 +115,10 @@ def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
     prompts = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 40)), [3], list(range(50, 61)))]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
     ref = make_llm(enforce_eager=True).generate(prompts, params)
-    from loopserve.model import llama
+    from loopserve.model import gemv
 
     calls = []
-    monkeypatch.setattr(llama, "fused_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or fused_gemv(x, *a, **kw))
+    monkeypatch.setattr(gemv, "fused_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or fused_gemv(x, *a, **kw))
     llm = make_llm(enforce_eager=True, fused_decode_gemv="on")
     assert llm.engine.model.fused_gemv_rows == MAX_GEMV_ROWS
     got = llm.generate(prompts, params)

@@ -1,5 +1,5 @@
-"""The fused GEMV's startup tile tuning (runner/gemv_tuning.py). On CPU the candidates run in Triton's
-interpreter and a stand-in timer ranks them; on a GPU they are timed in CUDA graphs."""
+"""The fused layers' startup GEMV tuning (runner/gemv_tuning.py). On CPU the candidates run in
+Triton's interpreter and a stand-in timer ranks them; on a GPU they are timed in CUDA graphs."""
 import pytest
 import torch
 
@@ -7,9 +7,9 @@ pytest.importorskip("triton", reason="triton is not installed: the kernel cannot
 
 from loopserve import SamplingParams  # noqa: E402
 from loopserve.model import gemv  # noqa: E402
-from loopserve.runner.gemv_tuning import tune_gemv_tiles  # noqa: E402
+from loopserve.runner.gemv_tuning import tune_gemv_choices  # noqa: E402
 
-ROLES = {"qkv", "o", "gate_up", "down"}
+ROLES = ["qkv", "o", "gate_up", "down"]
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 30)))]
 
 
@@ -18,49 +18,51 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
 
 
-def test_the_fastest_tile_of_each_role_is_kept_and_decodes_the_same(make_llm, monkeypatch):
-    """Every candidate runs each role's chain (one GEMV per layer) and gives the default's result; the
-    role keeps the one the timer ranks first, a tile the compiler rejects is left out, and decoding with
-    the kept tiles gives the untuned tokens."""
+def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, monkeypatch):
+    """Every candidate (the tiles and cuBLAS) runs each role's chain (one GEMV per layer) and gives
+    the same result; the role keeps the one the timer ranks first, a tile the compiler rejects is left
+    out, and decoding with a mix of tiles and cuBLAS roles gives the untuned tokens."""
     ref = _tokens(make_llm(enforce_eager=True))
     llm = make_llm(enforce_eager=True, fused_decode_gemv="on")
     model = llm.engine.model
-    assert model.gemv_tiles == {}  # no graphs, no tuning: the defaults (test_gemv.py checks their tokens)
+    assert model.gemv_choices == {}  # no graphs, no tuning: the default tiles (test_gemv.py checks them)
 
     broken = gemv.GemvTile(3, 32, 1)  # BLOCK_N must be a power of two: Triton refuses it
     real_candidates = gemv.candidate_tiles
     monkeypatch.setattr("loopserve.runner.gemv_tuning.candidate_tiles",
                         lambda n, device: real_candidates(n, device) + [broken])
+    runnable = real_candidates(8, torch.device("cpu")) + [gemv.CUBLAS]
+    # Role i's fastest is candidate (-1 - i): cuBLAS for qkv, tiles for the others.
+    want = {role: runnable[-1 - i] for i, role in enumerate(ROLES)}
     seen = []
 
     def time_fn(fns):
         outs = [fn() for fn in fns]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+        i = len(seen)
         seen.append(len(fns))
-        return [float(len(fns) - i) for i in range(len(fns))]  # the last candidate is the fastest
+        return [0.5 if j == len(fns) - 1 - i else 1.0 + j for j in range(len(fns))]
 
-    timings = tune_gemv_tiles(model, time_fn)
-    assert set(timings) == ROLES == set(model.gemv_tiles)
-    candidates = real_candidates(8, torch.device("cpu"))
-    assert seen == [len(candidates)] * 4  # the broken tile never reached the timer
+    timings = tune_gemv_choices(model, time_fn)
+    assert list(timings) == ROLES and model.gemv_choices == want
+    assert seen == [len(runnable)] * 4  # the broken tile never reached the timer
     for role, t in timings.items():
-        assert str(broken) not in t.ms and list(t.ms) == [str(c) for c in candidates]
-        assert model.gemv_tiles[role] == t.chosen == candidates[-1]
+        assert list(t.ms) == [str(c) for c in runnable] and t.chosen == want[role]
         assert t.ms[str(t.chosen)] == min(t.ms.values())
     assert _tokens(llm) == ref
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner times CUDA graphs on a GPU")
-def test_engine_tunes_the_tiles_on_a_gpu(make_llm):
+def test_engine_tunes_the_choices_on_a_gpu(make_llm):
     """With decode graphs and the fused path possible, the runner tunes every role before capturing:
-    each role's kept tile is its fastest, and the engine decodes as the cuBLAS graphs do."""
+    each role keeps its fastest choice, and the engine decodes as the cuBLAS graphs do."""
     ref = _tokens(make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off"))
     llm = make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="on")
     timings = llm.engine.runner.gemv_timings
-    assert set(timings) == ROLES
+    assert list(timings) == ROLES
     for role, t in timings.items():
-        assert llm.engine.model.gemv_tiles[role] == t.chosen and t.ms[str(t.chosen)] == min(t.ms.values())
-        assert all(ms > 0 for ms in t.ms.values())
+        assert llm.engine.model.gemv_choices[role] == t.chosen and t.ms[str(t.chosen)] == min(t.ms.values())
+        assert gemv.CUBLAS in t.ms and all(ms > 0 for ms in t.ms.values())
     assert _tokens(llm) == ref
     assert make_llm(enforce_eager=False, max_num_seqs=8, fused_decode_gemv="off").engine.runner.gemv_timings == {}
