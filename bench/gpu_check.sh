@@ -43,6 +43,8 @@ echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill st
 timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
 timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
   | tail -1 | cut -c1-300
+echo "== 135M profile: batch-1 decode"
+timeout 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
