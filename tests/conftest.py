@@ -160,8 +160,8 @@ def with_prefill_graphs():
 @pytest.fixture
 def with_decode_graphs():
     """Give an eager Triton LLM decode graphs built (not captured: each step runs the static forward a
-    replay would, on the padded static buffers) over a pool grown by a scratch block; returns the graph
-    size each step used."""
+    replay would, on the padded static buffers) over a pool grown by a scratch block; returns the
+    (graph size, whether a pending token came from the step before) of each step they served."""
 
     def attach(llm, sizes: list[int]) -> list[int]:
         from loopserve.attention.metadata import KVCache
@@ -175,13 +175,13 @@ def with_decode_graphs():
         graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_blocks,
                               scratch_block=scratch, device=runner.device)
         served = []
-        orig = graphs._forward
+        orig = graphs.run
 
-        def forward(b):
-            served.append(b)
-            return orig(b)
+        def run(inputs, prev_tokens):
+            served.append((next(b for b in graphs.sizes if b >= len(inputs.seq_lens)), prev_tokens is not None))
+            return orig(inputs, prev_tokens)
 
-        graphs._forward = forward
+        graphs.run = run
         runner.graphs = graphs
         return served
 

@@ -3,10 +3,11 @@ with padding) and PrefillGraphs for prefill / extend / mixed steps of a few sequ
 
 A decode step launches a few hundred small kernels; at batch 1 on a GPU their launch cost, not the
 weight reads, would set the step time. Each graph holds the whole forward plus the logits for a
-fixed batch size, reading its inputs from static buffers. A step with n sequences copies its inputs
-into the buffers of the smallest captured size b >= n and replays; rows n..b-1 are padding that
-attends to one token of a scratch KV block (one block past the pool, never handed out), so they
-cannot touch real cache entries. Only the attention backend's device-side layout is used inside the
+fixed batch size, reading its inputs from static buffers. A step with n sequences packs its inputs
+for the smallest captured size b >= n in one copy, one kernel lays them into the buffers
+(runner/step_inputs.py), and the graph replays; rows n..b-1 are padding that attends to one token of
+a scratch KV block (one block past the pool, never handed out), so they cannot touch real cache
+entries. Only the attention backend's device-side layout is used inside the
 graph (Triton kernels, no host synchronisation). The graph ends with the logits' greedy argmax
 (runner/argmax.py), which an all-greedy step takes as its tokens; other sampling runs after the
 replay, outside it.
@@ -21,6 +22,7 @@ import torch
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.runner.argmax import greedy_argmax
 from loopserve.runner.host_copy import to_device
+from loopserve.runner.step_inputs import StepInputs, pack_decode_inputs, unpack_decode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +108,9 @@ class DecodeGraphs:
         self.backend = backend
         self.sizes = sorted(set(batch_sizes))
         self.max_batch = self.sizes[-1]
-        block_size = kv_caches[0].block_size
+        self.block_size = kv_caches[0].block_size
         self.scratch_block = scratch_block
-        self.scratch_slot = scratch_block * block_size
+        self.scratch_slot = scratch_block * self.block_size
         n = self.max_batch
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
         self.positions = torch.zeros(n, dtype=torch.long, device=device)
@@ -160,20 +162,17 @@ class DecodeGraphs:
         return num_seqs <= self.max_batch and max_blocks <= self.block_tables.shape[1]
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Replay for n sequences (device tensors of n rows); returns their fp32 logits [n, vocab]."""
-        n = input_ids.shape[0]
+    def run(self, inputs: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Replay for a pure-decode step of n sequences; returns their fp32 logits [n, vocab]. The inputs
+        travel in one copy, padded to the graph's size, and one kernel lays them into its buffers,
+        pending tokens from prev_tokens (the previous step's sampled tokens, on the device)."""
+        n = len(inputs.seq_lens)
         b = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(slot_mapping)
-        self.block_tables[:n, :block_tables.shape[1]].copy_(block_tables)
-        self.seq_lens[:n].copy_(seq_lens)
-        if b > n:  # padding rows: one token in the scratch block
-            self.slot_mapping[n:b].fill_(self.scratch_slot)
-            self.block_tables[n:b, 0].fill_(self.scratch_block)
-            self.seq_lens[n:b].fill_(1)
+        w = inputs.max_blocks
+        packed = to_device(pack_decode_inputs(inputs, b, self.scratch_block, self.block_size), torch.long,
+                           self.input_ids.device)
+        unpack_decode_inputs(packed, prev_tokens, b, w, self.input_ids, self.positions, self.slot_mapping,
+                             self.seq_lens, self.block_tables)
         captured = self.graphs.get(b)
         if captured is None:  # not captured (CPU tests): the same static forward, run as a replay is fed
             logits, argmax = self._forward(b)

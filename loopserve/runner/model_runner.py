@@ -21,6 +21,7 @@ from loopserve.engine.request import PENDING_TOKEN
 from loopserve.runner.gemv_tuning import RoleTiming, tune_gemv_choices
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
+from loopserve.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,12 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput, prev: LaunchedStep | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """The step's inputs. Everything the device needs travels in ONE host-to-device copy (token ids,
-        positions, slots, block tables, logits rows, and the layout for device-side kernels), sliced there.
-        A PENDING_TOKEN input (overlap scheduling) is taken from `prev`'s sampled tokens on the device."""
+        """The step's inputs on the device (see _host_inputs and _device_inputs)."""
+        return self._device_inputs(self._host_inputs(out, prev), prev)
+
+    def _host_inputs(self, out: SchedulerOutput, prev: LaunchedStep | None) -> StepInputs:
+        """The step's inputs as host lists. A pending input token (overlap scheduling) is PENDING_TOKEN,
+        with the row of `prev`'s sampled tokens that will hold it."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -169,8 +173,8 @@ class ModelRunner:
         logits_rows: list[int] = []
         max_blocks = max(len(s.block_ids) for s in out.seqs)
         tables: list[int] = []
-        fill_dst: list[int] = []  # input rows whose token is pending ...
-        fill_src: list[int] = []  # ... and their rows in prev's sampled tokens
+        fill_dst: list[int] = []
+        fill_src: list[int] = []
         for i, seq in enumerate(out.seqs):
             req = seq.request
             start, n = req.num_computed_tokens, seq.num_new_tokens
@@ -194,25 +198,34 @@ class ModelRunner:
             if seq.samples:  # the last known token's row, then one row per proposed token
                 last = query_start_loc[-1] - 1
                 logits_rows.extend(range(last - seq.num_spec_tokens, last + 1))
-        parts = [token_ids, positions, slots, tables, logits_rows]
+        return StepInputs(token_ids, positions, slots, tables, max_blocks, query_start_loc, seq_lens, decode_idx,
+                          prefill_idx, logits_rows, fill_dst, fill_src)
+
+    def _device_inputs(self, host: StepInputs, prev: LaunchedStep | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(input ids, positions, attention metadata, logits rows) on the device. Everything travels in
+        ONE host-to-device copy (token ids, positions, slots, block tables, logits rows, and the layout
+        for device-side kernels), sliced there; pending tokens are taken from `prev`'s sampled tokens."""
+        parts = [host.token_ids, host.positions, host.slots, host.tables, host.logits_rows]
         if self.backend.needs_device_layout:
-            parts += [query_start_loc, seq_lens]
-        parts += [fill_dst, fill_src]
+            parts += [host.query_start_loc, host.seq_lens]
+        parts += [host.fill_dst, host.fill_src]
         sizes = [len(p) for p in parts]
         # numpy reads a long list of ints several times faster than torch.tensor does
         packed = to_device(np.fromiter(itertools.chain.from_iterable(parts), np.int64, sum(sizes)),
                            torch.long, self.device)
         views = packed.split(sizes)
-        if fill_dst:
+        if host.fill_dst:
             views[0].index_copy_(0, views[-2], prev.batch.token_ids.index_select(0, views[-1]))
+        qsl = host.query_start_loc
         meta = AttentionMetadata(
-            query_start_loc=query_start_loc, seq_lens=seq_lens, slot_mapping=views[2],
-            block_tables=views[3].view(len(out.seqs), max_blocks), decode_indices=decode_idx,
-            prefill_indices=prefill_idx)
+            query_start_loc=qsl, seq_lens=host.seq_lens, slot_mapping=views[2],
+            block_tables=views[3].view(len(host.seq_lens), host.max_blocks), decode_indices=host.decode_idx,
+            prefill_indices=host.prefill_idx)
         if self.backend.needs_device_layout:
             meta.query_start_loc_t = views[5].to(torch.int32)
             meta.seq_lens_t = views[6].to(torch.int32)
-            meta.max_query_len = max(b - a for a, b in zip(query_start_loc, query_start_loc[1:]))
+            meta.max_query_len = max(b - a for a, b in zip(qsl, qsl[1:]))
         return views[0], views[1], meta, views[4]
 
     @torch.inference_mode()
@@ -222,13 +235,13 @@ class ModelRunner:
         scheduled sequences they belong to, in order."""
         if out.empty:
             return None, []
-        input_ids, positions, meta, logits_rows = self._prepare(out, prev)
+        host = self._host_inputs(out, prev)
         sampling = [s for s in out.seqs if s.samples]
         # Pure decode, every sequence sampled: rows are the logits rows, in order.
-        every_row = not meta.prefill_indices and len(sampling) == len(out.seqs)
-        if self.graphs is not None and every_row and self.graphs.fits(len(out.seqs), meta.block_tables.shape[1]):
-            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables,
-                                   meta.seq_lens_t), sampling
+        every_row = not host.prefill_idx and len(sampling) == len(out.seqs)
+        if self.graphs is not None and every_row and self.graphs.fits(len(out.seqs), host.max_blocks):
+            return self.graphs.run(host, prev.batch.token_ids if host.fill_dst else None), sampling
+        input_ids, positions, meta, logits_rows = self._device_inputs(host, prev)
         if self.prefill_graphs is not None and self.prefill_graphs.fits(
                 input_ids.shape[0], len(out.seqs), logits_rows.shape[0], meta.block_tables.shape[1]):
             logits = self.prefill_graphs.run(input_ids, positions, meta, logits_rows)

@@ -36,7 +36,7 @@ CHILD = textwrap.dedent('''
     from triton.compiler import ASTSource
     from loopserve.attention import triton_decode as td, triton_extend as te
     from loopserve.model import fused_ops as fo, gemv
-    from loopserve.runner import argmax
+    from loopserve.runner import argmax, step_inputs
 
     HOPPER = GPUTarget("cuda", 90, 32)
     results = {}
@@ -126,6 +126,9 @@ CHILD = textwrap.dedent('''
           dict(CHUNK=argmax.CHUNK), num_warps=4)
     build("argmax-merge", argmax._merge_argmax_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*i64"},
           dict(BLOCK=32), num_warps=1)
+    build("unpack-decode-inputs", step_inputs._unpack_decode_kernel,
+          {"packed_ptr": "*i64", "prev_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64", "slot_ptr": "*i64",
+           "lens_ptr": "*i32", "tables_ptr": "*i64"}, dict(BLOCK_W=256), num_warps=1)
     json.dump(results, sys.stdout)
 ''')
 
@@ -152,7 +155,8 @@ def _assert_built(compiled: dict, prefix: str) -> None:
         assert compiled[n]["shared"] <= 228 * 1024, f"{n} needs {compiled[n]['shared']} bytes of shared memory"
 
 
-@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul", "argmax-"])
+@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul", "argmax-",
+                                    "unpack-decode-inputs"])
 def test_compiles_for_sm90(compiled, kernel):
     _assert_built(compiled, kernel)
 

@@ -85,7 +85,8 @@ def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
 
 @pytest.mark.parametrize("fused_gemv", ["off", "on"])
 def test_decode_graph_layout_equals_torch(make_llm, with_decode_graphs, fused_gemv, monkeypatch):
-    """The static layout a decode graph replays (rows padded to the graph's size with the scratch
+    """The static layout a decode graph replays (inputs packed and laid into its buffers by one
+    kernel, pending tokens from the step before, rows padded to the graph's size with the scratch
     block, the graph's own greedy argmax as the tokens) gives the torch reference's greedy tokens,
     with the cuBLAS layers and with the fused GEMVs, under overlap scheduling. Run eagerly here (in
     the interpreter on CPU): what the graph would capture, fed exactly as a replay is."""
@@ -100,8 +101,9 @@ def test_decode_graph_layout_equals_torch(make_llm, with_decode_graphs, fused_ge
     monkeypatch.setattr(Sampler, "sample_batch", lambda self, logits, rows, greedy_ids=None: greedy_given.append(
         greedy_ids is not None) or orig(self, logits, rows, greedy_ids))
     assert _run(llm, staggered=False) == ref
-    # Five sequences decode together, padded to a graph of 8.
-    assert served and set(served) == {8} and greedy_given.count(True) == len(served)
+    # Five sequences decode together, padded to a graph of 8, their inputs pending on the step before.
+    assert served and {b for b, _ in served} == {8} and greedy_given.count(True) == len(served)
+    assert all(pending for _, pending in served[1:])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
