@@ -19,7 +19,7 @@ g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail 
 
 echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
-timeout 150 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
+timeout 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
   tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_argmax.py \
   tests/unit/test_step_inputs.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \

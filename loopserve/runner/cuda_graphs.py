@@ -7,10 +7,9 @@ fixed batch size, reading its inputs from static buffers. A step with n sequence
 for the smallest captured size b >= n in one copy, one kernel lays them into the buffers
 (runner/step_inputs.py), and the graph replays; rows n..b-1 are padding that attends to one token of
 a scratch KV block (one block past the pool, never handed out), so they cannot touch real cache
-entries. Only the attention backend's device-side layout is used inside the
-graph (Triton kernels, no host synchronisation). The graph ends with the logits' greedy argmax
-(runner/argmax.py), which an all-greedy step takes as its tokens; other sampling runs after the
-replay, outside it.
+entries. Only the attention backend's device-side layout is used inside the graph (Triton kernels,
+no host synchronisation). The graph ends with the logits' greedy argmax (runner/argmax.py), which an
+all-greedy step takes as its tokens; other sampling runs after the replay, outside it.
 """
 from __future__ import annotations
 
