@@ -27,16 +27,14 @@ timeout 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/mod
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
-g 120 engine --config $B8
+g 150 engine --config $B8
 g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 135M"
-g 60 engine --config $B135
+g 90 engine --config $B135
 g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
 g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0 --no-pdl
 g 30 floor --config $B135
-echo "== GEMV chains in a graph: programmatic dependent launch on / off, cuBLAS (ms a layer)"
-timeout 60 python -m bench.gpu_diag --config $B8 --gemv-chain --out "$out" 2>&1 | tail -2 | cut -c1-600
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20
 g 80 throughput --config $B8 --workload random1000 --seconds 20
@@ -58,9 +56,6 @@ python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
-    if r["mode"] == "diag_gemv_chain":
-        print(r["config"], r["mode"], r["results"])
-        continue
     if r["mode"].startswith("profile_"):
         top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
         print(r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
@@ -71,6 +66,7 @@ for r in rows:
                         "decode_tok_s_no_overlap", "output_tok_s",
                         "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
                         "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes", "gemv_choices",
+                        "extend_tiles",
                         "steps_per_s", "mean_seqs_per_step", "mean_tokens_per_step", "decode_steps",
                         "prompt_steps_graphed", "prompt_steps_eager", "mean_tokens_eager_prompt_step")
             if r.get(k) is not None]

@@ -100,6 +100,10 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
                                    fused_decode_gemv=fused_gemv, programmatic_dependent_launch=pdl))
 
 
+def _tuned(timings: dict) -> dict | None:
+    return {name: {"chosen": str(t.chosen), "ms": t.ms} for name, t in timings.items()} or None
+
+
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
            eager: bool, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True) -> dict:
     from loopserve.engine.core import EngineRequest
@@ -161,8 +165,8 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
             # "auto": each small decode graph's startup timing, {batch: [ms cuBLAS, ms fused]}, and the winners
             "fused_gemv_timings": getattr(core.runner.graphs, "fused_timings", None) or None,
             "fused_gemv_sizes": getattr(core.runner.graphs, "fused_sizes", None),
-            "gemv_choices": {role: {"chosen": str(t.chosen), "ms": t.ms} for role, t in core.runner.gemv_timings.items()}
-            or None,
+            # the startup tuning: each choice and the ms of every candidate
+            "gemv_choices": _tuned(core.runner.gemv_timings), "extend_tiles": _tuned(core.runner.extend_timings),
             "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
             "ttft_first_shape_s": first_ttft,

@@ -24,6 +24,9 @@ class TritonPagedAttention:
     def __init__(self, pdl: bool = True) -> None:
         # Decode launches use programmatic dependent launch where the device has it (triton_decode).
         self.pdl = pdl
+        # The extend kernel's tile by regime (triton_extend.FEW / MANY); the runner's startup tuner sets
+        # them on a GPU (runner/extend_tuning.py), and a regime without one takes the default.
+        self.extend_tiles: dict = {}
 
     @staticmethod
     def store_rotated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
@@ -62,7 +65,7 @@ class TritonPagedAttention:
             return self._pure_decode(query, cache, meta, scale)
         elif not meta.decode_indices:
             return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                          meta.seq_lens_t, meta.max_query_len, scale)
+                                          meta.seq_lens_t, meta.max_query_len, scale, tiles=self.extend_tiles)
         else:
             # Eager mixed step: the extend grid covers the multi-token sequences only, not every row's.
             live = live_programs_of(len(meta.prefill_indices), query.shape[1], meta.max_query_len)
@@ -82,7 +85,7 @@ class TritonPagedAttention:
         q_rows, out_rows, tables, lens = self._single_token_rows(meta, query.device)
         paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
                                meta.seq_lens_t, meta.max_query_len, scale, out=out[:t], skip_single=True,
-                               live_programs=live, seq_ids=seq_ids)
+                               live_programs=live, seq_ids=seq_ids, tiles=self.extend_tiles)
         paged_decode_attention(query, cache.key, cache.value, tables, lens, scale, out=out,
                                workspace=self._decode_workspace(meta, query, cache, tables),
                                q_rows=q_rows, out_rows=out_rows, pdl=self.pdl)

@@ -35,6 +35,8 @@ time, so L2 absorbs most of the repeat reads.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -199,25 +201,65 @@ def _merge_splits_kernel(
                  stride_od, HEAD_DIM, SPLIT_PAD, "")
 
 
-def _pick_config(head_dim: int, dtype: torch.dtype, device: torch.device,
-                 live_programs: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). live_programs: query tiles x heads with work."""
+@dataclass(frozen=True)
+class ExtendTile:
+    """BLOCK_M query rows a program, BLOCK_N keys an iteration, warps, software-pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+
+
+# Launches whose live programs fill the SMs at most twice over (a short extend over a long cached
+# prefix, an agent turn) and the rest (long prompts): the startup tuner picks a tile for each.
+FEW, MANY = "few", "many"
+
+
+def extend_regime(live_programs: int, device: torch.device) -> str:
+    return FEW if live_programs <= 2 * sm_count(device) else MANY
+
+
+def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:
+    """The tile a launch takes untuned."""
     if device.type != "cuda":
         # Interpreter: small tiles keep the numpy emulation fast; BLOCK_N = 8 sits between the
         # tested cache block sizes (4 and 16), so tiles both span several blocks and sit inside one.
-        return 16, 8, 1, 1
+        return ExtendTile(16, 8, 1, 1)
     if dtype == torch.float32:
         # fp32 tiles are twice the bytes; keep K/V stages within shared memory and registers in check.
-        return 32, 32, 4, 2
+        return ExtendTile(32, 32, 4, 2)
     if head_dim >= 128:
         # Few programs (a short extend over a long cached prefix: 256 new tokens x 32 heads is 128
         # programs on 132 SMs) each walk the whole context: wider key tiles keep more loads in flight.
         # Measured on an H200 at 8k cached + 256 new: 0.169 ms against 0.206 ms for 64-wide tiles,
         # while at an 8k cold prompt (4,096 programs) 64-wide tiles win, 1.54 ms against 2.26 ms.
-        if live_programs <= 2 * sm_count(device):
-            return 64, 128, 4, 2
-        return 64, 64, 4, 2
-    return 64, 64, 4, 3
+        return ExtendTile(64, 128, 4, 2) if regime == FEW else ExtendTile(64, 64, 4, 2)
+    return ExtendTile(64, 64, 4, 3)
+
+
+# The tiles runner/extend_tuning.py times for each regime (bf16 / fp16 on a GPU). The H200 sweep of
+# the sixth session (docs/PERF.md) measured some of them at the 8B shapes; the 8-warp 64 x 128 tile
+# (no spills, unlike the 4-warp one) and 2-stage 128-row tiles were not.
+_GPU_EXTEND_CANDIDATES = {
+    FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
+          ExtendTile(128, 64, 8, 2)),
+    MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
+           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2)),
+}
+_INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1))
+
+
+def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[ExtendTile]:
+    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile)."""
+    tiles = [default_extend_tile(head_dim, dtype, device, regime)]
+    if device.type != "cuda":
+        extra = _INTERPRETER_EXTEND_CANDIDATES
+    else:
+        extra = () if dtype == torch.float32 else _GPU_EXTEND_CANDIDATES[regime]
+    return tiles + [t for t in extra if t not in tiles]
 
 
 def live_programs_of(num_seqs: int, num_q_heads: int, max_query_len: int) -> int:
@@ -293,7 +335,8 @@ def paged_extend_attention(q: torch.Tensor,
                            live_programs: int | None = None,
                            num_splits: int | None = None,
                            pack_gqa: bool = False,
-                           seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+                           seq_ids: torch.Tensor | None = None,
+                           tiles: dict[str, ExtendTile] | None = None) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged caches.
 
     q [T, Hq, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] already holding the new tokens'
@@ -311,7 +354,9 @@ def paged_extend_attention(q: torch.Tensor,
     seq_ids: int32 [P], the sequences to attend (their rows only; the others' rows are left alone);
     None attends all. The grid covers these P sequences: in a mixed step of 256 decode rows and one
     prompt, listing the prompt alone launches its tiles rather than 257 sequences' worth of programs
-    that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk).
+    that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk). tiles: regime (FEW /
+    MANY, by live_programs) -> the ExtendTile to launch with (the startup tuner's picks); a regime
+    without one takes default_extend_tile.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -336,10 +381,12 @@ def paged_extend_attention(q: torch.Tensor,
         return out
     if live_programs is None:
         live_programs = live_programs_of(num_listed, Hq, max_query_len)
-    block_m, block_n, num_warps, num_stages = _pick_config(D, q.dtype, q.device, live_programs)
+    regime = extend_regime(live_programs, q.device)
+    tile = (tiles or {}).get(regime) or default_extend_tile(D, q.dtype, q.device, regime)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
         num_splits = choose_extend_splits(live_programs, sm_count(q.device)) if q.is_cuda else 1
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-                   block_m, block_n, num_warps, num_stages, skip_single, num_splits, pack_gqa, seq_ids)
+                   tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, skip_single, num_splits, pack_gqa,
+                   seq_ids)

@@ -18,10 +18,12 @@ from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
-from loopserve.runner.gemv_tuning import RoleTiming, tune_gemv_choices
+from loopserve.runner.extend_tuning import tune_extend_tiles
+from loopserve.runner.gemv_tuning import tune_gemv_choices
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
 from loopserve.runner.step_inputs import StepInputs
+from loopserve.runner.tuning import Tuned
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +103,14 @@ class ModelRunner:
                         for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
         self.prefill_graphs = None
-        # role -> RoleTiming of the fused layers' startup GEMV tuning (empty when it did not run)
-        self.gemv_timings: dict[str, RoleTiming] = {}
+        # role -> Tuned: the fused layers' startup GEMV tuning (empty when it did not run)
+        self.gemv_timings: dict[str, Tuned] = {}
+        # regime -> Tuned: the extend attention kernel's startup tile tuning (empty when it did not run)
+        self.extend_timings: dict[str, Tuned] = {}
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
+            self._tune_extend(max_model_len or model_config.max_position_embeddings)
 
             def decode_graphs() -> DecodeGraphs:
                 if choose_fused_gemv_rows or model.fused_gemv_rows:
@@ -135,6 +140,16 @@ class ModelRunner:
                 except RuntimeError as e:  # the decode graphs stand; prefill steps run eagerly
                     log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
                     self.prefill_graphs = None
+
+    def _tune_extend(self, max_model_len: int) -> None:
+        """The extend attention kernel's tiles, timed on this GPU (runner/extend_tuning.py), before any
+        prefill graph captures them; on failure the defaults."""
+        try:
+            self.extend_timings = tune_extend_tiles(self.backend, self.kv_caches[0], self.cfg.num_heads,
+                                                    max_model_len)
+        except RuntimeError as e:
+            log.warning("extend attention tiles not tuned, defaults kept: %s", e)
+            self.backend.extend_tiles = {}
 
     def _tune_gemv(self) -> None:
         """The fused layers' GEMV choices, timed on this GPU (runner/gemv_tuning.py); on failure the

@@ -88,6 +88,16 @@ CHILD = textwrap.dedent('''
                            SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64,
                            HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
+    # Every tile the startup tuner may pick (runner/extend_tuning.py), unsplit, as an 8B model launches it.
+    for regime, tiles in te._GPU_EXTEND_CANDIDATES.items():
+        for tile in tiles:
+            build(f"extend-tuned-{regime}-{tile}", te._extend_kernel,
+                  {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
+                   "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
+                  dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                       DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=False, PACK_GQA=False, TOKENS=tile.block_m,
+                       HAS_SEQ_IDS=False),
+                  floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages)
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):
         build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,

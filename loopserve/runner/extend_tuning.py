@@ -1,0 +1,59 @@
+"""Startup tuning of the extend (prefill) attention kernel's tiles (runner/tuning.py).
+
+The extend kernel serves two kinds of launch that want different tiles (attention/triton_extend.py):
+few programs, each walking a long context (a short agent turn over a long cached prefix: 256 new
+tokens over 8k are 128 programs on the 8B shape), and many (a long prompt: 4,096 programs at 8k). For
+each, the candidate tiles are timed on one layer of the model's own KV pool at that shape: 256 new
+tokens over a cached prefix, and a cold prompt, each up to 8,192 tokens (what the pool and the
+context window allow). The pool still holds zeros at startup; the kernel only reads it. The fastest
+tile of each regime goes to the backend's `extend_tiles`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+
+from loopserve.attention.metadata import KVCache
+from loopserve.attention.triton_extend import FEW, MANY, candidate_extend_tiles, paged_extend_attention
+from loopserve.runner.tuning import TimeFn, Tuned, fastest, time_in_graphs
+
+log = logging.getLogger(__name__)
+
+# The longest context a tuning shape takes, and the new tokens of the few-programs shape.
+TUNING_CONTEXT = 8192
+TUNING_NEW_TOKENS = 256
+
+
+@torch.inference_mode()
+def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: int,
+                      time_fn: TimeFn = time_in_graphs) -> dict[str, Tuned]:
+    """Time each regime's candidate tiles on `cache` (one layer's pool, blocks outermost) and set
+    `backend.extend_tiles` to the fastest; regime -> Tuned."""
+    key, value = cache.key, cache.value
+    num_blocks, block_size, _, head_dim = key.shape
+    context = min(TUNING_CONTEXT, max_model_len, num_blocks * block_size)
+    device = key.device
+    timings: dict[str, Tuned] = {}
+    for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context)):
+        nblk = triton.cdiv(context, block_size)
+        tables = torch.arange(nblk, dtype=torch.int32, device=device).view(1, nblk)
+        qsl = torch.tensor([0, new], dtype=torch.int32, device=device)
+        lens = torch.tensor([context], dtype=torch.int32, device=device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(new, num_q_heads, head_dim, generator=gen, device=device, dtype=key.dtype)
+        out = torch.empty_like(q)
+
+        def attend(tile, q=q, out=out, tables=tables, qsl=qsl, lens=lens, new=new) -> torch.Tensor:
+            # The tile for either regime: a small model's shapes may not land in the one they stand for.
+            return paged_extend_attention(q, key, value, tables, qsl, lens, new, head_dim ** -0.5, out=out,
+                                          tiles={FEW: tile, MANY: tile})
+
+        tuned = fastest(candidate_extend_tiles(regime, head_dim, key.dtype, device), attend, time_fn,
+                        f"extend tile, {regime} programs ({new} new of {context})")
+        if tuned is not None:
+            timings[regime] = tuned
+    backend.extend_tiles = {regime: t.chosen for regime, t in timings.items()}
+    log.info("extend attention tiles (ms a layer): %s", {r: (str(t.chosen), t.ms) for r, t in timings.items()})
+    return timings
