@@ -38,7 +38,7 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
     timings: dict[str, Tuned] = {}
     for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context)):
         nblk = triton.cdiv(context, block_size)
-        tables = torch.arange(nblk, dtype=torch.int32, device=device).view(1, nblk)
+        tables = torch.arange(nblk, dtype=torch.long, device=device).view(1, nblk)  # as the runner passes them
         qsl = torch.tensor([0, new], dtype=torch.int32, device=device)
         lens = torch.tensor([context], dtype=torch.int32, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
