@@ -51,25 +51,5 @@ if [ "${1:-}" != "--no-eager-baseline" ]; then
   echo "== loopserve torch eager (the pre-Triton path)"
   g 80 engine --config $B8 --attention-backend torch --enforce-eager
 fi
-echo "== summary"
-python - "$out" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-for r in rows:
-    if r["mode"].startswith("profile_"):
-        top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
-        print(r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
-              f'wall={r["wall_ms_per_step"]:.3f} ms/step',
-              f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top)
-        continue
-    keys = [k for k in ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "ms_per_step", "decode_tok_s",
-                        "decode_tok_s_no_overlap", "output_tok_s",
-                        "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s",
-                        "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes", "gemv_choices",
-                        "extend_tiles",
-                        "steps_per_s", "mean_seqs_per_step", "mean_tokens_per_step", "decode_steps",
-                        "prompt_steps_graphed", "prompt_steps_eager", "mean_tokens_eager_prompt_step")
-            if r.get(k) is not None]
-    print(r["config"], r["mode"], " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
-                                        for k in keys))
-PY
+echo "== summary, and issue 5's targets"
+python -m bench.gpu_summary "$out"

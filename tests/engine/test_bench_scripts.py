@@ -102,3 +102,44 @@ def test_gpu_diag_gemv_chain_steps_agree():
     assert weight_bytes == 2 * 4 * (64 * 32 + 32 * 32 + 96 * 32 + 32 * 48)
     torch.testing.assert_close(fused(True), fused(False))
     assert fused(True).shape == cublas().shape == (1, 32) and torch.isfinite(cublas()).all()
+
+
+def test_gpu_summary_judges_the_targets(tmp_path, capsys):
+    """The gpu_check summary reads a run's rows and says which of issue 5's targets were met, the
+    saturation ones scaled by the run's floor against the H100's."""
+    from bench import gpu_summary
+
+    b8, b135 = gpu_summary.B8, gpu_summary.B135
+    rows = [
+        {"mode": "engine", "config": b8, "device": "NVIDIA H200", "backend": "triton", "fused_decode_gemv": "auto",
+         "ms_per_step": 4.4, "decode_tok_s": 227.0, "ttft_long_cold_s": 0.228, "ttft_long_cached_plus_256_s": 0.0161},
+        {"mode": "engine", "config": b8, "backend": "triton", "fused_decode_gemv": "on", "ms_per_step": 9.0},
+        {"mode": "floor", "config": b8, "ms_per_step": 4.05},
+        {"mode": "engine", "config": b135, "backend": "triton", "fused_decode_gemv": "auto", "decode_tok_s": 1620.0},
+        {"mode": "throughput_sharegpt", "config": b8, "output_tok_s": 9000.0},
+        {"mode": "throughput_random1000", "config": b8, "output_tok_s": 12600.0},
+        {"mode": "profile_decode_b1", "config": b8, "steps": 2, "wall_ms_per_step": 4.3,
+         "device_busy_ms_per_step": 4.2, "top_kernels": [{"name": "gemv", "ms": 8.0}]},
+    ]
+    out = tmp_path / "gpu.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gpu_summary.main([str(out)])
+    printed = capsys.readouterr().out
+    scale = 5.62 / 4.05
+    assert f"scaled by {scale:.3f}" in printed
+    verdicts = {t["name"]: t["met"] for t in json.loads(out.read_text().splitlines()[-1])["targets"]}
+    assert verdicts == {
+        "8B batch-1 decode, % of the floor": False,                 # 4.05 / 4.4: 92 %
+        "8B saturation ShareGPT-like, output tok/s": False,         # 9,000 < 16,000 x 1.388
+        "8B saturation random 1000/1000, output tok/s": True,      # 12,600 >= 9,000 x 1.388
+        "135M batch-1 decode, tok/s": True,
+        "8B TTFT, 256 new after 8k cached, s": False,
+        "8B TTFT, 8k cold, s": True,
+    }
+    rows[0].pop("ttft_long_cold_s")  # a result the run lacks is said so, not judged
+    assert gpu_summary.targets(rows)[-1].met is None
+    assert "8B batch-1 decode, % of the floor: 92.05 against >= 95: missed" in printed
+    assert "8B TTFT, 8k cold, s: 0.228 against <= 0.23: MET" in printed
+    # The summary line of the run's first engine row; a second summary run reads past the targets row.
+    assert "llama-3.1-8b.json engine backend=triton fused_decode_gemv=auto" in printed
+    gpu_summary.main([str(out)])

@@ -1,0 +1,101 @@
+"""The summary of a bench/gpu_check.sh run: one line per result, then issue 5's targets, each met or not.
+
+The targets are set for an H100. On another card the saturation targets scale by the measured
+bandwidth ratio: the H100's 8B floor (5.62 ms a step, every weight read once) over this run's floor.
+Every ratio comes from the same run.
+
+  python -m bench.gpu_summary gpu.jsonl
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+B8, B135 = "llama-3.1-8b.json", "smollm2-135m.json"
+H100_FLOOR_8B_MS = 5.62
+
+ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "ms_per_step", "decode_tok_s",
+            "decode_tok_s_no_overlap", "output_tok_s", "achieved_gb_s", "ttft_s", "ttft_first_shape_s",
+            "ttft_long_cold_s", "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes",
+            "gemv_choices", "extend_tiles", "steps_per_s", "mean_seqs_per_step", "mean_tokens_per_step",
+            "decode_steps", "prompt_steps_graphed", "prompt_steps_eager", "mean_tokens_eager_prompt_step")
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None  # None: the run has no such result
+    target: float
+    higher_is_better: bool
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+
+def row_line(r: dict) -> str:
+    if r["mode"].startswith("profile_"):
+        top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
+        return " ".join([r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
+                         f'wall={r["wall_ms_per_step"]:.3f} ms/step',
+                         f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top])
+    fields = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                      for k in ROW_KEYS if r.get(k) is not None)
+    return f'{r["config"]} {r["mode"]} {fields}'
+
+
+def _first(rows: list[dict], config: str, mode: str, **match) -> dict | None:
+    return next((r for r in rows if r.get("config") == config and r["mode"] == mode
+                 and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def targets(rows: list[dict]) -> list[Target]:
+    """Issue 5's targets from a run's rows: the default engine rows (Triton, CUDA graphs, fused GEMV
+    auto), the floors and the saturation rows."""
+    engine8 = _first(rows, B8, "engine", backend="triton", fused_decode_gemv="auto")
+    engine135 = _first(rows, B135, "engine", backend="triton", fused_decode_gemv="auto")
+    floor8 = _first(rows, B8, "floor")
+    scale = H100_FLOOR_8B_MS / floor8["ms_per_step"] if floor8 else None
+
+    def get(row: dict | None, key: str) -> float | None:
+        return None if row is None else row.get(key)
+
+    pct = (100 * floor8["ms_per_step"] / engine8["ms_per_step"]) if floor8 and engine8 else None
+    sharegpt, random1000 = (get(_first(rows, B8, f"throughput_{w}"), "output_tok_s") for w in ("sharegpt", "random1000"))
+    return [
+        Target("8B batch-1 decode, % of the floor", pct, 95.0, True),
+        Target("8B saturation ShareGPT-like, output tok/s", sharegpt, 16000 * (scale or 1), True),
+        Target("8B saturation random 1000/1000, output tok/s", random1000, 9000 * (scale or 1), True),
+        Target("135M batch-1 decode, tok/s", get(engine135, "decode_tok_s"), 1500.0, True),
+        Target("8B TTFT, 256 new after 8k cached, s", get(engine8, "ttft_long_cached_plus_256_s"), 0.015, False),
+        Target("8B TTFT, 8k cold, s", get(engine8, "ttft_long_cold_s"), 0.230, False),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    path = Path((argv if argv is not None else sys.argv[1:])[0])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("mode") != "targets"]
+    for r in rows:
+        print(row_line(r))
+    floor8 = _first(rows, B8, "floor")
+    if floor8:
+        print(f"saturation targets scaled by {H100_FLOOR_8B_MS / floor8['ms_per_step']:.3f} "
+              f"(H100 floor {H100_FLOOR_8B_MS} ms / this run's {floor8['ms_per_step']:.3f} ms)")
+    found = targets(rows)
+    for t in found:
+        verdict = {True: "MET", False: "missed", None: "no result"}[t.met]
+        value = "-" if t.value is None else f"{t.value:.4g}"
+        print(f"target  {t.name}: {value} against {'>=' if t.higher_is_better else '<='} {t.target:.4g}: {verdict}")
+    device = next((r.get("device") for r in rows if r.get("device")), None)
+    with path.open("a") as f:
+        f.write(json.dumps({"mode": "targets", "device": device,
+                            "targets": [{**asdict(t), "met": t.met} for t in found]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
