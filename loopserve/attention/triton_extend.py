@@ -241,8 +241,8 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 
 # The tiles runner/extend_tuning.py times for each regime (bf16 / fp16 on a GPU). The H200 sweep of
-# the sixth session (docs/PERF.md) measured some of them at the 8B shapes; the 8-warp 64 x 128 tile
-# (no spills, unlike the 4-warp one) and 2-stage 128-row tiles were not.
+# the sixth session (docs/PERF.md) measured some of them at the 8B shapes; the 8-warp 64-row tiles
+# (64 x 128 does not spill at 8 warps, unlike at 4) and 128 x 64 at 2 stages were not.
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
           ExtendTile(128, 64, 8, 2)),
