@@ -5,8 +5,10 @@ few programs, each walking a long context (a short agent turn over a long cached
 tokens over 8k are 128 programs on the 8B shape), and many (a long prompt: 4,096 programs at 8k). For
 each, the candidate tiles are timed on one layer of the model's own KV pool at that shape: 256 new
 tokens over a cached prefix, and a cold prompt, each up to 8,192 tokens (what the pool and the
-context window allow). The pool still holds zeros at startup; the kernel only reads it. The fastest
-tile of each regime goes to the backend's `extend_tiles`.
+context window allow). The blocks it reads are filled with random keys and values first, so the
+candidates' results can be checked against each other (runner/tuning.py); nothing reads a block
+before its sequence has written it, so serving is unaffected. The fastest tile of each regime goes
+to the backend's `extend_tiles`.
 """
 from __future__ import annotations
 
@@ -35,13 +37,15 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
     num_blocks, block_size, _, head_dim = key.shape
     context = min(TUNING_CONTEXT, max_model_len, num_blocks * block_size)
     device = key.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    nblk = triton.cdiv(context, block_size)
+    for pool in (key, value):
+        pool[:nblk].copy_(torch.randn(pool[:nblk].shape, generator=gen, device=device, dtype=torch.float32))
+    tables = torch.arange(nblk, dtype=torch.long, device=device).view(1, nblk)  # as the runner passes them
     timings: dict[str, Tuned] = {}
     for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context)):
-        nblk = triton.cdiv(context, block_size)
-        tables = torch.arange(nblk, dtype=torch.long, device=device).view(1, nblk)  # as the runner passes them
         qsl = torch.tensor([0, new], dtype=torch.int32, device=device)
         lens = torch.tensor([context], dtype=torch.int32, device=device)
-        gen = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(new, num_q_heads, head_dim, generator=gen, device=device, dtype=key.dtype)
         out = torch.empty_like(q)
 

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # Times a list of zero-argument callables, each run at least once already: milliseconds apiece.
@@ -33,15 +35,30 @@ def time_in_graphs(fns: Sequence[Callable[[], object]]) -> list[float]:
     return replay_ms(*(capture_graph(fn) for fn in fns), rounds=3, reps=5)
 
 
-def fastest(candidates: Sequence, run: Callable[[object], object], time_fn: TimeFn, what: str) -> Tuned | None:
-    """Run each candidate once (compiling it), time those that ran, and return the fastest; None when
-    none ran. A candidate the compiler rejects (out of registers or shared memory, say) is left out."""
+def agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether a candidate's output matches the first candidate's, up to summation order: loose enough
+    for a different tile's rounding, tight enough to catch a miscompiled kernel (garbage, NaN)."""
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+    return out.shape == ref.shape and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def fastest(candidates: Sequence, run: Callable[[object], torch.Tensor], time_fn: TimeFn, what: str) -> Tuned | None:
+    """Run each candidate once (compiling it), time those that ran and agree with the first one
+    (`agrees`), and return the fastest; None when none ran. A candidate the compiler rejects (out of
+    registers or shared memory, say) or whose result differs is left out, so a tile the card
+    miscompiles cannot be picked for being fast."""
     runnable = []
+    ref = None
     for candidate in candidates:
         try:
-            run(candidate)
+            out = run(candidate)
         except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the candidate is out
             log.info("%s: %s left out: %s", what, candidate, e)
+            continue
+        if ref is None:
+            ref = out.clone()  # calls may share an output buffer
+        elif not agrees(out, ref):
+            log.warning("%s: %s left out: its result differs from %s's", what, candidate, runnable[0])
             continue
         runnable.append(candidate)
     if not runnable:
