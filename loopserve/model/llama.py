@@ -7,6 +7,7 @@ slices the separate HF tensors into them.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -182,9 +183,10 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    @functools.cached_property
     def gemv_roles(self) -> dict[str, tuple[nn.Linear, dict, bool]]:
         """forward_fused's four GEMVs: role -> (its linear layer, prologue keywords for fused_gemv,
-        whether it adds the residual)."""
+        whether it adds the residual). Built once: weights load into the same parameters in place."""
         attn, mlp = self.self_attn, self.mlp
         norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
         return {"qkv": (attn.qkv_proj, dict(norm_weight=norm_in.weight, eps=norm_in.eps), False),
@@ -199,7 +201,7 @@ class DecoderLayer(nn.Module):
         five kernels, four GEMVs with the norms, the SiLU-mul and the residual adds inside them
         (model/gemv.py) and the attention. choices: role -> a GemvTile, or CUBLAS for a role that
         runs faster as cuBLAS and separate kernels (the startup tuner's picks)."""
-        roles = self.gemv_roles()
+        roles = self.gemv_roles
         choices = choices or {}
 
         def gemv(role: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

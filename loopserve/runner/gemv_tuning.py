@@ -25,14 +25,14 @@ def tune_gemv_choices(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) 
     `model.gemv_choices` to the fastest; role -> Tuned."""
     layers = list(model.model.layers)
     timings: dict[str, Tuned] = {}
-    for role, (linear, prologue, with_residual) in layers[0].gemv_roles().items():
+    for role, (linear, prologue, with_residual) in layers[0].gemv_roles.items():
         weight = linear.weight
         n, k = weight.shape
         gen = torch.Generator(device=weight.device).manual_seed(0)
         x = torch.randn(1, 2 * k if prologue.get("silu_mul") else k, generator=gen, device=weight.device,
                         dtype=weight.dtype)
         residual = torch.randn(1, n, generator=gen, device=weight.device, dtype=weight.dtype) if with_residual else None
-        calls = [layer.gemv_roles()[role] for layer in layers]
+        calls = [layer.gemv_roles[role] for layer in layers]
 
         def chain(choice: GemvChoice) -> torch.Tensor:
             y = None
