@@ -101,8 +101,8 @@ if HAS_TRITON:
         x_rows = X + offs_m[:, None].to(tl.int64) * stride_xm
         inv_rms = tl.full([BLOCK_M], 1.0, tl.float32)
         if NORM:
-            # The rows' sums of squares, NORM_BLOCK (>= K up to 8,192) at a time: one round trip to
-            # L2 for a hidden size up to that, instead of a loop of dependent small loads.
+            # The rows' sums of squares, NORM_BLOCK columns at a time (all of K for one row up to 8,192 at
+            # 4 warps): one round trip to L2 instead of a loop of dependent small loads.
             offs_nb = tl.arange(0, NORM_BLOCK)
             ss = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, NORM_BLOCK):
@@ -217,8 +217,16 @@ def launch_shape(tile: GemvTile, m: int, k: int) -> tuple[int, int, int]:
     return tile.block_n, block_k, num_warps
 
 
-# The largest row chunk the RMSNorm pre-pass loads at once (fp32 registers: BLOCK_M x this / threads).
-_MAX_NORM_BLOCK = 8192
+# fp32 values a thread holds in one load of the RMSNorm pre-pass. At 128 (4 rows of 4,096 over 4 warps)
+# ptxas for sm_90 (Triton 3.6, the GPU machine's) spills; at 64 nothing does.
+_NORM_VALUES_PER_THREAD = 64
+
+
+def norm_block(m: int, k: int, num_warps: int) -> int:
+    """Columns of the m rows the RMSNorm pre-pass loads at once: all of K where the registers allow
+    (one round trip to L2), else as many as keep the load within _NORM_VALUES_PER_THREAD a thread."""
+    fits = _NORM_VALUES_PER_THREAD * 32 * num_warps // triton.next_power_of_2(m)
+    return max(1, min(triton.next_power_of_2(k), fits))
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -250,7 +258,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         NORM=norm_weight is not None, SILU=silu_mul, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        NORM_BLOCK=min(triton.next_power_of_2(k), _MAX_NORM_BLOCK), GDC=pdl, num_warps=num_warps,
+        NORM_BLOCK=norm_block(m, k, num_warps), GDC=pdl, num_warps=num_warps,
         # The kernel keeps its own two tiles in flight; Triton's pipeliner has no dot to pipeline.
         num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )

@@ -121,7 +121,7 @@ CHILD = textwrap.dedent('''
                       dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
                       dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False,
                            HAS_RES=prologue != "norm", BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-                           NORM_BLOCK=4096, GDC=True),
+                           NORM_BLOCK=gemv.norm_block(rows, 4096, warps), GDC=True),
                       floats=("eps",), num_warps=warps, num_stages=1)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
 
 from loopserve.model.gemv import (MAX_GEMV_ROWS, GemvTile, candidate_tiles, fused_gemv, gemv_torch,  # noqa: E402
-                                  launch_shape)
+                                  launch_shape, norm_block)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -41,11 +41,21 @@ def test_matches_separate_ops(kind, m, dtype):
 
 
 def test_norm_over_a_row_wider_than_one_pre_pass_load():
-    """The RMSNorm pre-pass loads up to 8,192 columns at once; wider rows take several loads."""
+    """The RMSNorm pre-pass loads as many columns as the registers allow; wider rows take several
+    loads, and the last is masked."""
     x, w, gen = _inputs(2, 8, 9000, torch.float32, False, seed=9)
     nw = (1 + 0.1 * torch.randn(9000, generator=gen)).to(DEVICE)
-    got = fused_gemv(x, w, norm_weight=nw, eps=1e-6, tile=GemvTile(8, 4096, 1))  # 2,048 at 2 rows
+    assert norm_block(2, 9000, 1) == 1024  # one warp, two rows: nine loads
+    got = fused_gemv(x, w, norm_weight=nw, eps=1e-6, tile=GemvTile(8, 4096, 1))
     torch.testing.assert_close(got, gemv_torch(x, w, norm_weight=nw, eps=1e-6), atol=1e-4, rtol=1e-4)
+
+
+def test_norm_pre_pass_load_fits_the_registers():
+    """64 fp32 values a thread at most: ptxas (Triton 3.6, sm_90) spilled at 128 (4 rows of 4,096
+    over 4 warps)."""
+    assert norm_block(1, 4096, 4) == 4096 and norm_block(1, 8192, 8) == 8192
+    assert norm_block(4, 4096, 4) == 2048 and norm_block(4, 4096, 8) == 4096
+    assert norm_block(1, 576, 1) == 1024 and norm_block(3, 100, 1) == 128
 
 
 def test_explicit_tile_config():
