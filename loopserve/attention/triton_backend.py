@@ -27,6 +27,8 @@ class TritonPagedAttention:
         # The extend kernel's tile by regime (triton_extend.FEW / MANY); the runner's startup tuner sets
         # them on a GPU (runner/extend_tuning.py), and a regime without one takes the default.
         self.extend_tiles: dict = {}
+        # Likewise the decode kernel's (triton_decode.FEW / MANY; runner/decode_tuning.py).
+        self.decode_tiles: dict = {}
 
     @staticmethod
     def store_rotated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
@@ -88,7 +90,7 @@ class TritonPagedAttention:
                                live_programs=live, seq_ids=seq_ids, tiles=self.extend_tiles)
         paged_decode_attention(query, cache.key, cache.value, tables, lens, scale, out=out,
                                workspace=self._decode_workspace(meta, query, cache, tables),
-                               q_rows=q_rows, out_rows=out_rows, pdl=self.pdl)
+                               q_rows=q_rows, out_rows=out_rows, pdl=self.pdl, tiles=self.decode_tiles)
         return out[:t]
 
     def _pure_decode(self, query: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
@@ -98,7 +100,7 @@ class TritonPagedAttention:
 
         return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
                                       workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
-                                      new_tokens=new_tokens, pdl=self.pdl)
+                                      new_tokens=new_tokens, pdl=self.pdl, tiles=self.decode_tiles)
 
     @staticmethod
     def _derived(meta: AttentionMetadata, name: str, make):

@@ -57,7 +57,8 @@ import triton.language as tl
 
 from loopserve.device_caps import pdl_supported, sm_count
 
-# Tokens per loop iteration of the decode kernel, and the unit in which a sequence is divided among splits.
+# Tokens per loop iteration of the untuned decode kernel (a DecodeTile's block_n is the unit in which a
+# sequence is divided among splits), and the chunk choose_num_splits counts in.
 BLOCK_N = 64
 # Upper bound of the num_splits heuristic: past this the merge and workspace traffic outweigh
 # the extra parallelism.
@@ -265,6 +266,51 @@ def _decode_kernel(
             tl.atomic_xchg(ticket_at, 0)
 
 
+@dataclass(frozen=True)
+class DecodeTile:
+    """block_n keys an iteration (and the unit a sequence is divided among splits in), warps, software
+    pipeline stages."""
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+
+
+# Launches whose programs fit the SMs about twice (batch 1 to small batches, split: latency-bound, and
+# each program reads its first tile before waiting for the previous kernel) and the rest (large
+# batches: one program a (sequence, KV head), bandwidth-bound). The startup tuner picks a tile for each
+# (runner/decode_tuning.py).
+FEW, MANY = "few", "many"
+# Triton's default stages on CUDA, as the kernel ran before it was tuned.
+DEFAULT_DECODE_TILE = DecodeTile(BLOCK_N, 4, 3)
+# Stages barely matter: the K/V loads go through the block table, and Triton pipelines little of them
+# (ptxas sm_90 gives 38.9 KB of shared memory at 2 stages, 39.4 KB at 3 or 4). A 128-wide tile that
+# reads its first tile early spills at 4 warps (Triton 3.6), so few-programs candidates that wide
+# take 8.
+_GPU_DECODE_CANDIDATES = {
+    FEW: (DecodeTile(32, 4, 2), DecodeTile(64, 8, 2), DecodeTile(128, 8, 2), DecodeTile(16, 4, 2)),
+    MANY: (DecodeTile(64, 4, 2), DecodeTile(128, 4, 2), DecodeTile(128, 8, 2), DecodeTile(32, 4, 2),
+           DecodeTile(64, 8, 2)),
+}
+# The interpreter ignores warps and stages; key tiles narrower than a cache block and spanning several.
+_INTERPRETER_DECODE_CANDIDATES = (DecodeTile(16, 1, 1), DecodeTile(32, 1, 1))
+
+
+def decode_regime(programs: int, device: torch.device) -> str:
+    return FEW if programs <= 2 * sm_count(device) else MANY
+
+
+def candidate_decode_tiles(regime: str, dtype: torch.dtype, device: torch.device) -> list[DecodeTile]:
+    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps it alone)."""
+    if device.type != "cuda":
+        extra = _INTERPRETER_DECODE_CANDIDATES
+    else:
+        extra = () if dtype == torch.float32 else _GPU_DECODE_CANDIDATES[regime]
+    return [DEFAULT_DECODE_TILE] + [t for t in extra if t != DEFAULT_DECODE_TILE]
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
                       num_sms: int = 132) -> int:
     """Splits per (sequence, kv head): about two programs per SM, never more splits than
@@ -318,7 +364,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            q_rows: torch.Tensor | None = None,
                            out_rows: torch.Tensor | None = None,
                            new_tokens: NewTokens | None = None, prefetch: bool | None = None,
-                           pdl: bool = True) -> torch.Tensor:
+                           pdl: bool = True, tiles: dict[str, DecodeTile] | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V over each sequence's paged context; q [B, Hq, D] -> out [B, Hq, D].
 
     block_tables [B, max_blocks] and seq_lens [B] give the B sequences. With row maps (both or
@@ -331,6 +377,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     K/V tile before waiting for the previous kernel (default: when the grid fits the SMs about twice,
     where a launch is latency-bound; the early tile costs registers, ~140-170 a thread against ~100).
     pdl: launch with programmatic dependent launch where the device supports it (see Invariants).
+    tiles: regime (FEW / MANY, by the grid's programs) -> the DecodeTile to launch with (the startup
+    tuner's picks); a regime without one takes DEFAULT_DECODE_TILE.
     """
     assert q.dim() == 3 and k_cache.dim() == 4, "q [B, Hq, D], caches [num_blocks, block_size, Hkv, D]"
     _, num_q_heads, head_dim = q.shape
@@ -380,8 +428,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         assert nt.cos_sin_cache.shape[1] == head_dim and nt.cos_sin_cache.stride(1) == 1, "bad cos_sin_cache"
 
     pdl = pdl and pdl_supported(q.device)
+    regime = decode_regime(batch * num_kv_heads * num_splits, q.device)
+    tile = (tiles or {}).get(regime) or DEFAULT_DECODE_TILE
     if prefetch is None:
-        prefetch = batch * num_kv_heads * num_splits <= 2 * sm_count(q.device)
+        prefetch = regime == FEW
     # fp32 inputs: plain fp32 products (tl.dot would otherwise round them to TF32 on tensor cores).
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     unused = seq_lens  # a placeholder for the pointers a variant does not read
@@ -395,9 +445,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *((nt.key.stride(0), nt.key.stride(1), nt.value.stride(0), nt.value.stride(1), nt.cos_sin_cache.stride(0))
           if nt is not None else (0,) * 5),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, DOT_PRECISION=precision,
+        BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, DOT_PRECISION=precision,
         # One compiled variant for every split count the heuristic picks.
         SPLIT_PAD=max(MAX_SPLITS, triton.next_power_of_2(num_splits)), HAS_ROWS=has_rows, ROTARY=nt is not None,
-        GDC=pdl, PREFETCH=prefetch, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        GDC=pdl, PREFETCH=prefetch, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -217,14 +217,15 @@ def launch_shape(tile: GemvTile, m: int, k: int) -> tuple[int, int, int]:
     return tile.block_n, block_k, num_warps
 
 
-# fp32 values a thread holds in one load of the RMSNorm pre-pass. At 128 (4 rows of 4,096 over 4 warps)
-# ptxas for sm_90 (Triton 3.6, the GPU machine's) spills; at 64 nothing does.
-_NORM_VALUES_PER_THREAD = 64
+# fp32 values a thread holds in one load of the RMSNorm pre-pass. ptxas for sm_90 spilled 8-16 bytes in
+# 4-row launches at 4 warps with 128 (Triton 3.6, the GPU machine's) and with 64 (Triton 3.9); at 32
+# neither does. A batch-1 row of up to 4,096 (8,192 at 8 warps) still takes one load.
+_NORM_VALUES_PER_THREAD = 32
 
 
 def norm_block(m: int, k: int, num_warps: int) -> int:
     """Columns of the m rows the RMSNorm pre-pass loads at once: all of K where the registers allow
-    (one round trip to L2), else as many as keep the load within _NORM_VALUES_PER_THREAD a thread."""
+    (one round trip to L2), else as many as keep a load within _NORM_VALUES_PER_THREAD a thread."""
     fits = _NORM_VALUES_PER_THREAD * 32 * num_warps // triton.next_power_of_2(m)
     return max(1, min(triton.next_power_of_2(k), fits))
 

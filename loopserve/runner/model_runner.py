@@ -18,6 +18,7 @@ from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
+from loopserve.runner.decode_tuning import tune_decode_tiles
 from loopserve.runner.extend_tuning import tune_extend_tiles
 from loopserve.runner.gemv_tuning import tune_gemv_choices
 from loopserve.runner.host_copy import to_device
@@ -107,10 +108,13 @@ class ModelRunner:
         self.gemv_timings: dict[str, Tuned] = {}
         # regime -> Tuned: the extend attention kernel's startup tile tuning (empty when it did not run)
         self.extend_timings: dict[str, Tuned] = {}
+        # regime -> Tuned: the decode attention kernel's startup tile tuning (empty when it did not run)
+        self.decode_timings: dict[str, Tuned] = {}
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
             self._tune_extend(max_model_len or model_config.max_position_embeddings)
+            self._tune_decode(max(cuda_graph_sizes), max_blocks)
 
             def decode_graphs() -> DecodeGraphs:
                 if choose_fused_gemv_rows or model.fused_gemv_rows:
@@ -150,6 +154,16 @@ class ModelRunner:
         except RuntimeError as e:
             log.warning("extend attention tiles not tuned, defaults kept: %s", e)
             self.backend.extend_tiles = {}
+
+    def _tune_decode(self, max_batch: int, table_width: int) -> None:
+        """The decode attention kernel's tiles, timed on this GPU (runner/decode_tuning.py) at the
+        decode graphs' shapes, before they capture them; on failure the default."""
+        try:
+            self.decode_timings = tune_decode_tiles(self.backend, self.kv_caches[0], self.cfg.num_heads, max_batch,
+                                                    table_width)
+        except RuntimeError as e:
+            log.warning("decode attention tiles not tuned, default kept: %s", e)
+            self.backend.decode_tiles = {}
 
     def _tune_gemv(self) -> None:
         """The fused layers' GEMV choices, timed on this GPU (runner/gemv_tuning.py); on failure the

@@ -110,6 +110,22 @@ CHILD = textwrap.dedent('''
                    PREFETCH=prefetch),
               floats=("qk_scale",), num_warps=4,
               ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od"))
+    # Every tile the startup tuner may pick for the decode kernel (runner/decode_tuning.py), in the
+    # variants each regime launches: few programs read their first tile early (and rotate, at batch 1).
+    for regime, tiles in td._GPU_DECODE_CANDIDATES.items():
+        for tile in tiles:
+            for rotary in ((False, True) if regime == td.FEW else (False,)):
+                build(f"decode-tuned-{regime}-{tile}-rotary{int(rotary)}", td._decode_kernel,
+                      {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
+                       "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
+                       "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
+                       "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
+                      dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile.block_n,
+                           DOT_PRECISION="tf32", SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=False, ROTARY=rotary, GDC=True,
+                           PREFETCH=regime == td.FEW),
+                      floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages,
+                      ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk",
+                            "stride_od"))
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4, ones=("stride_ad", "stride_sk", "stride_od"))
     # Every tile the startup tuner may pick, as launched at 1 and 4 rows (8B shapes: K = 4,096).

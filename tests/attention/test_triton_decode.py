@@ -12,12 +12,16 @@ pytest.importorskip("triton", reason="triton is not installed: these kernels can
 
 from loopserve.attention.triton_decode import (
     BLOCK_N,
+    FEW,
+    MANY,
     MAX_SPLITS,
     NewTokens,
+    candidate_decode_tiles,
     choose_num_splits,
     decode_workspace,
     paged_decode_attention,
 )
+from loopserve.device_caps import sm_count
 from loopserve.model.fused_ops import rotary_qk_store_kv_torch_
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,6 +216,62 @@ def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits, pre
     torch.testing.assert_close(flat(k_cache)[slots], flat(ref_kc)[slots], atol=ATOL[dtype], rtol=0)
     assert torch.equal(flat(v_cache)[slots], flat(ref_vc)[slots])
     torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"splits{s}")
+@pytest.mark.parametrize("regime", [FEW, MANY])
+def test_every_candidate_tile_matches(regime, splits):
+    """Each tile the startup tuner may pick (runner/decode_tuning.py; on a GPU the GPU's candidates),
+    launched as its regime launches (few programs read their first tile early and rotate the new
+    token in the launch), with key tiles narrower than a cache block and spanning several: the same
+    cache and output as the default tile's plain call."""
+    from loopserve.model.llama import RotaryEmbedding
+
+    d, bs, dtype = 64, 16, torch.float16
+    lens = [70, 1, 33, 200]
+    q, k_cache, v_cache, tables, lens_t = make_case(lens, 8, 2, d, bs, dtype, 11, extra_cols=2)
+    gen = torch.Generator().manual_seed(12)
+    k_new = torch.randn(len(lens), 2, d, generator=gen).to(DEVICE, dtype)
+    v_new = torch.randn(len(lens), 2, d, generator=gen).to(DEVICE, dtype)
+    positions = lens_t.long() - 1
+    slots = torch.stack([tables[b, p // bs] * bs + p % bs for b, p in enumerate(positions.tolist())])
+    with torch.device(DEVICE):
+        cos_sin = RotaryEmbedding(d, 256, 10000.0, None).cos_sin_cache
+    ref_q, ref_k, ref_kc, ref_vc = q.clone(), k_new.clone(), k_cache.clone(), v_cache.clone()
+    rotary_qk_store_kv_torch_(ref_q, ref_k, v_new, positions, cos_sin, ref_kc, ref_vc, slots)
+    want = reference(ref_q, ref_kc, ref_vc, tables, lens_t, 0.125)
+    tiles = candidate_decode_tiles(regime, dtype, DEVICE)
+    assert len(tiles) > 1
+    for tile in tiles:
+        kc, vc = k_cache.clone(), v_cache.clone()
+        new = NewTokens(k_new, v_new, positions, cos_sin, slots) if regime == FEW else None
+        if new is None:
+            kc, vc, qt = ref_kc.clone(), ref_vc.clone(), ref_q
+        else:
+            qt = q
+        got = paged_decode_attention(qt, kc, vc, tables, lens_t, 0.125, num_splits=splits, new_tokens=new,
+                                     prefetch=regime == FEW, tiles={FEW: tile, MANY: tile})
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=0, msg=lambda m: f"{tile}: {m}")
+
+
+def test_the_grid_picks_the_regime_tile(monkeypatch):
+    """Few programs take tiles[FEW], many take tiles[MANY]; a regime without a tile takes the default."""
+    from loopserve.attention import triton_decode as td
+
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append((kw["BLOCK_N"], kw["num_warps"], kw["PREFETCH"]))
+
+    monkeypatch.setattr(td, "_decode_kernel", Recorder())
+    q, k, v, tables, lens_t = make_case([5, 3], 4, 2, 16, 4, torch.float32, 3)
+    few, many = td.DecodeTile(16, 2, 1), td.DecodeTile(32, 8, 2)
+    paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=MAX_SPLITS, tiles={FEW: few, MANY: many})
+    big = make_case([2] * (sm_count(DEVICE) + 1), 4, 2, 16, 4, torch.float32, 4)  # 2 heads: > 2 programs an SM
+    paged_decode_attention(*big, 0.25, num_splits=1, tiles={FEW: few, MANY: many})
+    paged_decode_attention(*big, 0.25, num_splits=1, tiles={FEW: few})
+    assert launched == [(16, 2, True), (32, 8, False), (td.BLOCK_N, 4, False)]
 
 
 def test_empty_sequence_gives_zeros_not_nan():
