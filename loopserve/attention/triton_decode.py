@@ -13,6 +13,10 @@ It walks its share ``BLOCK_N`` tokens at a time; a tile may straddle cache block
 physical slot is looked up in the block table. Softmax is online, in fp32 and in base 2 (scores
 are pre-multiplied by ``log2(e)``).
 
+The tile (``DecodeTile``: keys an iteration, warps, whether the next tile's loads are issued before
+this one's math) is chosen per regime, few programs or many, by a startup timing on the card
+(runner/decode_tuning.py); the regime follows the grid, which a captured graph fixes.
+
 When one split holds the whole context, its program normalises and writes the output. Otherwise
 each split with keys writes its unnormalised partial ``acc [GROUP, D]`` plus ``(max, sumexp)`` per
 head to the workspace and takes a ticket from the (sequence, KV head)'s counter; the program that
@@ -139,7 +143,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_PAD: tl.constexpr, HAS_ROWS: tl.constexpr, ROTARY: tl.constexpr, GDC: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -227,17 +231,35 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    loop_from = start
-    if PREFETCH:
-        if start < end:  # not an empty sequence
+    if PIPELINE:
+        # Two tiles in flight: each iteration issues the next tile's loads before this one's math.
+        # Triton pipelines little of these loads itself (they go through the block table), so
+        # otherwise a program waits out every tile's DRAM latency in turn.
+        if not PREFETCH:  # else k, v hold the share's first tile already
+            pos = start + offs_n
+            valid = pos < end
+            k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks,
+                            stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
+        for start_n in range(start, end, BLOCK_N):
+            pos_next = start_n + BLOCK_N + offs_n
+            valid_next = pos_next < end  # past the share's end: masked, nothing read
+            k_next, v_next = _kv_tile(k_ptr, v_ptr, bt_row, pos_next, valid_next, kvh, offs_d, stride_btn,
+                                      stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh,
+                                      stride_vd, BLOCK_SIZE)
             m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-        loop_from = start + BLOCK_N
-    for start_n in range(loop_from, end, BLOCK_N):
-        pos = start_n + offs_n
-        valid = pos < end
-        k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks, stride_kh,
-                        stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            k, v, valid = k_next, v_next, valid_next
+    else:
+        loop_from = start
+        if PREFETCH:
+            if start < end:  # not an empty sequence
+                m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            loop_from = start + BLOCK_N
+        for start_n in range(loop_from, end, BLOCK_N):
+            pos = start_n + offs_n
+            valid = pos < end
+            k, v = _kv_tile(k_ptr, v_ptr, bt_row, pos, valid, kvh, offs_d, stride_btn, stride_kb, stride_ks,
+                            stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, BLOCK_SIZE)
+            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     out_row_ptr = out_ptr + out_row * stride_ob
     if active == 1:
@@ -269,13 +291,15 @@ def _decode_kernel(
 @dataclass(frozen=True)
 class DecodeTile:
     """block_n keys an iteration (and the unit a sequence is divided among splits in), warps, software
-    pipeline stages."""
+    pipeline stages; pipeline: the next K/V tile's loads are issued before this one's math (two tiles
+    in registers)."""
     block_n: int
     num_warps: int
     num_stages: int
+    pipeline: bool = False
 
     def __str__(self) -> str:
-        return f"{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+        return f"{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/pipelined" if self.pipeline else "")
 
 
 # Launches whose programs fit the SMs about twice (batch 1 to small batches, split: latency-bound, and
@@ -286,16 +310,19 @@ FEW, MANY = "few", "many"
 # Triton's default stages on CUDA, as the kernel ran before it was tuned.
 DEFAULT_DECODE_TILE = DecodeTile(BLOCK_N, 4, 3)
 # Stages barely matter: the K/V loads go through the block table, and Triton pipelines little of them
-# (ptxas sm_90 gives 38.9 KB of shared memory at 2 stages, 39.4 KB at 3 or 4). A 128-wide tile that
-# reads its first tile early spills at 4 warps (Triton 3.6), so few-programs candidates that wide
-# take 8.
+# (ptxas sm_90 gives 38.9 KB of shared memory at 2 stages, 39.4 KB at 3 or 4); the pipelined tiles
+# keep the next tile's loads in flight themselves. A 128-wide tile that reads its first tile early
+# spills at 4 warps (Triton 3.6), so few-programs candidates that wide take 8.
 _GPU_DECODE_CANDIDATES = {
-    FEW: (DecodeTile(32, 4, 2), DecodeTile(64, 8, 2), DecodeTile(128, 8, 2), DecodeTile(16, 4, 2)),
+    FEW: (DecodeTile(32, 4, 2), DecodeTile(64, 8, 2), DecodeTile(128, 8, 2), DecodeTile(16, 4, 2),
+          DecodeTile(32, 4, 2, True), DecodeTile(64, 8, 2, True)),
     MANY: (DecodeTile(64, 4, 2), DecodeTile(128, 4, 2), DecodeTile(128, 8, 2), DecodeTile(32, 4, 2),
-           DecodeTile(64, 8, 2)),
+           DecodeTile(64, 8, 2), DecodeTile(64, 4, 2, True), DecodeTile(32, 4, 2, True), DecodeTile(64, 8, 2, True),
+           DecodeTile(128, 8, 2, True)),
 }
 # The interpreter ignores warps and stages; key tiles narrower than a cache block and spanning several.
-_INTERPRETER_DECODE_CANDIDATES = (DecodeTile(16, 1, 1), DecodeTile(32, 1, 1))
+_INTERPRETER_DECODE_CANDIDATES = (DecodeTile(16, 1, 1), DecodeTile(32, 1, 1), DecodeTile(16, 1, 1, True),
+                                  DecodeTile(64, 1, 1, True))
 
 
 def decode_regime(programs: int, device: torch.device) -> str:
@@ -448,7 +475,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, BLOCK_N=tile.block_n, DOT_PRECISION=precision,
         # One compiled variant for every split count the heuristic picks.
         SPLIT_PAD=max(MAX_SPLITS, triton.next_power_of_2(num_splits)), HAS_ROWS=has_rows, ROTARY=nt is not None,
-        GDC=pdl, PREFETCH=prefetch, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        GDC=pdl, PREFETCH=prefetch, PIPELINE=tile.pipeline, num_warps=tile.num_warps, num_stages=tile.num_stages,
         **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -107,7 +107,7 @@ CHILD = textwrap.dedent('''
                "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
               dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
                    SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary, GDC=True,
-                   PREFETCH=prefetch),
+                   PREFETCH=prefetch, PIPELINE=False),
               floats=("qk_scale",), num_warps=4,
               ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od"))
     # Every tile the startup tuner may pick for the decode kernel (runner/decode_tuning.py), in the
@@ -122,7 +122,7 @@ CHILD = textwrap.dedent('''
                        "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
                       dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile.block_n,
                            DOT_PRECISION="tf32", SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=False, ROTARY=rotary, GDC=True,
-                           PREFETCH=regime == td.FEW),
+                           PREFETCH=regime == td.FEW, PIPELINE=tile.pipeline),
                       floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages,
                       ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk",
                             "stride_od"))
