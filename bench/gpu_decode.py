@@ -214,12 +214,30 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
         return out
 
     core.scheduler.schedule = recorded_schedule
+    # How long the host waits for the device: a step's samples are read back (SampledBatch.tokens)
+    # after the next step is launched, so a host that never waits is the bottleneck and the device
+    # idles; one that waits most of the time keeps the device busy. Measured without a profiler, which
+    # inflates host costs.
+    from loopserve.runner.sampler import SampledBatch
+
+    waited = [0.0]
+    read_back = SampledBatch.tokens
+
+    def timed_tokens(batch):
+        t = time.perf_counter()
+        try:
+            return read_back(batch)
+        finally:
+            waited[0] += time.perf_counter() - t
+
+    SampledBatch.tokens = timed_tokens
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t_warm = time.perf_counter() + warmup_s
     while time.perf_counter() < t_warm:
         core.step()
     sync()
     steps.clear()
+    waited[0] = 0.0
     t0 = time.perf_counter()
     out_tokens = finished = 0
     while time.perf_counter() - t0 < seconds:
@@ -231,6 +249,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
                 n += 1
     sync()
     dt = time.perf_counter() - t0
+    SampledBatch.tokens = read_back
     prefill_graphs = core.runner.prefill_graphs
     mixed = [(b, t) for b, t, prompt in steps if prompt]
     graphed_mixed = [(b, t) for b, t in mixed
@@ -239,6 +258,8 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
             "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap, "output_tok_s": out_tokens / dt,
             "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks,
             "decode_tiles": _tuned(core.runner.decode_timings),
+            "host_wait_share": waited[0] / dt,
+            "host_ms_per_step": 1e3 * (dt - waited[0]) / len(steps) if steps else None,
             "steps_per_s": len(steps) / dt, "mean_seqs_per_step": statistics.fmean(b for b, _, _ in steps) if steps else 0,
             "mean_tokens_per_step": statistics.fmean(t for _, t, _ in steps) if steps else 0,
             "decode_steps": len(steps) - len(mixed), "prompt_steps_graphed": len(graphed_mixed),

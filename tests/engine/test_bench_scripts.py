@@ -64,6 +64,7 @@ def test_gpu_decode_throughput_reports_its_steps(tiny_llama, tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["output_tok_s"] > 0 and row["steps_per_s"] > 0 and row["mean_tokens_per_step"] > 0
     assert row["decode_steps"] + row["prompt_steps_graphed"] + row["prompt_steps_eager"] > 0
+    assert 0 <= row["host_wait_share"] < 1 and row["host_ms_per_step"] > 0
 
 
 def test_gpu_profile_phases(tiny_llama, tmp_path):
