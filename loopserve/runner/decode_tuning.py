@@ -22,14 +22,12 @@ from loopserve.attention.metadata import KVCache
 from loopserve.attention.triton_decode import (FEW, MANY, candidate_decode_tiles, choose_num_splits, decode_regime,
                                                decode_workspace, paged_decode_attention)
 from loopserve.device_caps import sm_count
-from loopserve.runner.tuning import TimeFn, Tuned, fastest, time_in_graphs
+from loopserve.runner.tuning import TimeFn, Tuned, fastest, fill_random_blocks_, time_in_graphs
 
 log = logging.getLogger(__name__)
 
 # Tokens each tuning sequence attends over: an agent's context is longer, a saturation batch's about this.
 TUNING_CONTEXT = 1024
-# Blocks filled with random K/V per copy (a float32 temporary of this many blocks).
-_FILL_CHUNK = 1024
 
 
 @torch.inference_mode()
@@ -52,10 +50,7 @@ def tune_decode_tiles(backend, cache: KVCache, num_q_heads: int, max_batch: int,
             continue  # this model's decode graphs never launch such a grid (or the pool cannot hold it)
         context = blocks_each * block_size
         if batch * blocks_each > filled:
-            for start in range(filled, batch * blocks_each, _FILL_CHUNK):
-                end = min(start + _FILL_CHUNK, batch * blocks_each)
-                for pool in (key, value):
-                    pool[start:end].copy_(torch.randn(pool[start:end].shape, generator=gen, device=device))
+            fill_random_blocks_((key, value), filled, batch * blocks_each, gen)
             filled = batch * blocks_each
         tables = torch.zeros(batch, table_width, dtype=torch.long, device=device)  # as the runner passes them
         tables[:, :blocks_each] = torch.arange(batch * blocks_each, device=device).view(batch, blocks_each)

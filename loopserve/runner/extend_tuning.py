@@ -19,7 +19,7 @@ import triton
 
 from loopserve.attention.metadata import KVCache
 from loopserve.attention.triton_extend import FEW, MANY, candidate_extend_tiles, paged_extend_attention
-from loopserve.runner.tuning import TimeFn, Tuned, fastest, time_in_graphs
+from loopserve.runner.tuning import TimeFn, Tuned, fastest, fill_random_blocks_, time_in_graphs
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
     device = key.device
     gen = torch.Generator(device=device).manual_seed(0)
     nblk = triton.cdiv(context, block_size)
-    for pool in (key, value):
-        pool[:nblk].copy_(torch.randn(pool[:nblk].shape, generator=gen, device=device, dtype=torch.float32))
+    fill_random_blocks_((key, value), 0, nblk, gen)
     tables = torch.arange(nblk, dtype=torch.long, device=device).view(1, nblk)  # as the runner passes them
     timings: dict[str, Tuned] = {}
     for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context)):

@@ -42,6 +42,19 @@ def agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return out.shape == ref.shape and torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+# Pool blocks filled with random values per copy (a float32 temporary of this many blocks).
+_FILL_CHUNK = 1024
+
+
+def fill_random_blocks_(pools: Sequence[torch.Tensor], start: int, end: int, gen: torch.Generator) -> None:
+    """Blocks start..end-1 of each KV pool (blocks outermost) set to random values: the attention
+    tuners read them, and candidates can only be compared on keys and values that are not all alike."""
+    for first in range(start, end, _FILL_CHUNK):
+        last = min(first + _FILL_CHUNK, end)
+        for pool in pools:
+            pool[first:last].copy_(torch.randn(pool[first:last].shape, generator=gen, device=pool.device))
+
+
 def fastest(candidates: Sequence, run: Callable[[object], torch.Tensor], time_fn: TimeFn, what: str) -> Tuned | None:
     """Run each candidate once (compiling it), time those that ran and agree with the first one
     (`agrees`), and return the fastest; None when none ran. A candidate the compiler rejects (out of
