@@ -27,7 +27,7 @@ timeout 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/mod
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
   2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
 echo "== 8B"
-g 150 engine --config $B8
+g 180 engine --config $B8
 g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 135M"

@@ -24,8 +24,14 @@ def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monke
     """Every candidate tile attends the tuning shapes alike (batch 1, and a batch large enough for a
     many-programs grid); each regime keeps the one the timer ranks first; decode steps then launch with
     the kept tiles and give the torch reference's tokens."""
+    from loopserve.attention import triton_decode
+    from loopserve.runner import decode_tuning
+
+    # An 8-SM device: a many-programs grid within the interpreter's reach (9 sequences x 2 KV heads).
+    for module in (triton_decode, decode_tuning):
+        monkeypatch.setattr(module, "sm_count", lambda device: 8)
     ref = _tokens(make_llm(attention_backend="torch", enforce_eager=True))
-    llm = make_llm(attention_backend="triton", enforce_eager=True, num_kv_blocks=600)
+    llm = make_llm(attention_backend="triton", enforce_eager=True)
     runner = llm.engine.runner
     assert runner.backend.decode_tiles == {} and runner.decode_timings == {}  # no graphs, no tuning
     candidates = candidate_decode_tiles(FEW, torch.float32, torch.device("cpu"))
@@ -41,16 +47,13 @@ def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monke
         fastest = len(fns) - 1 if len(seen) == 1 else 1
         return [0.5 if i == fastest else 1.0 + i for i in range(len(fns))]
 
-    # Two KV heads: sm_count + 1 sequences make more than two programs an SM.
-    many_batch = sm_count(torch.device("cpu")) + 1
+    many_batch = 9  # two KV heads: more than two programs an SM
     timings = tune_decode_tiles(runner.backend, runner.kv_caches[0], runner.cfg.num_heads, many_batch,
                                 table_width=12, time_fn=time_fn)
     assert seen == [(len(candidates), 1), (len(candidates), many_batch)] and list(timings) == [FEW, MANY]
     assert runner.backend.decode_tiles == {FEW: candidates[-1], MANY: candidates[1]}
     for t in timings.values():
         assert t.ms[str(t.chosen)] == min(t.ms.values()) and list(t.ms) == [str(c) for c in candidates]
-
-    from loopserve.attention import triton_decode
 
     launched = []
     orig = triton_decode.paged_decode_attention
