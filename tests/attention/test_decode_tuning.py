@@ -77,13 +77,15 @@ def test_a_regime_the_graphs_never_launch_is_not_tuned(make_llm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner times CUDA graphs on a GPU")
-def test_engine_tunes_the_decode_tiles_on_a_gpu(make_llm):
-    """With CUDA graphs, the runner tunes the decode tiles before capturing the decode graphs, and the
-    engine then decodes as the eager one does."""
+@pytest.mark.parametrize("max_num_seqs", [8, 256])
+def test_engine_tunes_the_decode_tiles_on_a_gpu(make_llm, max_num_seqs):
+    """With CUDA graphs, the runner tunes the decode tiles before capturing the decode graphs (a
+    many-programs tile only where its largest graph makes such a grid: 256 sequences x 2 KV heads),
+    and the engine then decodes as the eager one does."""
     ref = _tokens(make_llm(enforce_eager=True))
-    llm = make_llm(enforce_eager=False, max_num_seqs=8)
+    llm = make_llm(enforce_eager=False, max_num_seqs=max_num_seqs, num_kv_blocks=2048)
     timings = llm.engine.runner.decode_timings
-    assert FEW in timings
+    assert list(timings) == ([FEW] if max_num_seqs == 8 else [FEW, MANY])
     for regime, t in timings.items():
         assert llm.engine.runner.backend.decode_tiles[regime] == t.chosen
         assert t.ms[str(t.chosen)] == min(t.ms.values()) and all(ms > 0 for ms in t.ms.values())
