@@ -1,4 +1,5 @@
-"""What the accelerator offers the Triton kernels: its SM count, and programmatic dependent launch."""
+"""What the accelerator offers the Triton kernels: its SM count (and the launch regimes it sets), and
+programmatic dependent launch."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,16 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # H100 SXM: the CPU/interpreter path just mirrors the main target
+
+
+# A launch whose programs fit the SMs at most twice over (batch-1 decode, a short extend over a long
+# cached prefix: few programs, each walking a long context, latency-bound) and the rest. The attention
+# kernels' startup tuners pick a tile for each (runner/extend_tuning.py, runner/decode_tuning.py).
+FEW, MANY = "few", "many"
+
+
+def launch_regime(programs: int, device: torch.device) -> str:
+    return FEW if programs <= 2 * sm_count(device) else MANY
 
 
 @functools.cache

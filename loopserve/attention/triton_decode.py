@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loopserve.device_caps import pdl_supported, sm_count
+from loopserve.device_caps import FEW, MANY, launch_regime, pdl_supported, sm_count
 
 # Tokens per loop iteration of the untuned decode kernel (a DecodeTile's block_n is the unit in which a
 # sequence is divided among splits), and the chunk choose_num_splits counts in.
@@ -302,11 +302,9 @@ class DecodeTile:
         return f"{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/pipelined" if self.pipeline else "")
 
 
-# Launches whose programs fit the SMs about twice (batch 1 to small batches, split: latency-bound, and
-# each program reads its first tile before waiting for the previous kernel) and the rest (large
-# batches: one program a (sequence, KV head), bandwidth-bound). The startup tuner picks a tile for each
-# (runner/decode_tuning.py).
-FEW, MANY = "few", "many"
+# Decode launches of few programs (device_caps.launch_regime: batch 1 to small batches, split; each
+# program reads its first tile before waiting for the previous kernel) and of many (large batches: one
+# program a (sequence, KV head), bandwidth-bound) each get a tile (runner/decode_tuning.py).
 # Triton's default stages on CUDA, as the kernel ran before it was tuned.
 DEFAULT_DECODE_TILE = DecodeTile(BLOCK_N, 4, 3)
 # Stages barely matter: the K/V loads go through the block table, and Triton pipelines little of them
@@ -323,10 +321,6 @@ _GPU_DECODE_CANDIDATES = {
 # The interpreter ignores warps and stages; key tiles narrower than a cache block and spanning several.
 _INTERPRETER_DECODE_CANDIDATES = (DecodeTile(16, 1, 1), DecodeTile(32, 1, 1), DecodeTile(16, 1, 1, True),
                                   DecodeTile(64, 1, 1, True))
-
-
-def decode_regime(programs: int, device: torch.device) -> str:
-    return FEW if programs <= 2 * sm_count(device) else MANY
 
 
 def candidate_decode_tiles(regime: str, dtype: torch.dtype, device: torch.device) -> list[DecodeTile]:
@@ -455,7 +449,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         assert nt.cos_sin_cache.shape[1] == head_dim and nt.cos_sin_cache.stride(1) == 1, "bad cos_sin_cache"
 
     pdl = pdl and pdl_supported(q.device)
-    regime = decode_regime(batch * num_kv_heads * num_splits, q.device)
+    regime = launch_regime(batch * num_kv_heads * num_splits, q.device)
     tile = (tiles or {}).get(regime) or DEFAULT_DECODE_TILE
     if prefetch is None:
         prefetch = regime == FEW

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from loopserve.attention.triton_decode import merge_splits
-from loopserve.device_caps import sm_count
+from loopserve.device_caps import FEW, MANY, launch_regime, sm_count
 
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
@@ -213,15 +213,6 @@ class ExtendTile:
         return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
 
 
-# Launches whose live programs fill the SMs at most twice over (a short extend over a long cached
-# prefix, an agent turn) and the rest (long prompts): the startup tuner picks a tile for each.
-FEW, MANY = "few", "many"
-
-
-def extend_regime(live_programs: int, device: torch.device) -> str:
-    return FEW if live_programs <= 2 * sm_count(device) else MANY
-
-
 def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:
     """The tile a launch takes untuned."""
     if device.type != "cuda":
@@ -381,7 +372,7 @@ def paged_extend_attention(q: torch.Tensor,
         return out
     if live_programs is None:
         live_programs = live_programs_of(num_listed, Hq, max_query_len)
-    regime = extend_regime(live_programs, q.device)
+    regime = launch_regime(live_programs, q.device)
     tile = (tiles or {}).get(regime) or default_extend_tile(D, q.dtype, q.device, regime)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.

@@ -19,10 +19,10 @@ import torch
 import triton
 
 from loopserve.attention.metadata import KVCache
-from loopserve.attention.triton_decode import (FEW, MANY, candidate_decode_tiles, choose_num_splits, decode_regime,
-                                               decode_workspace, paged_decode_attention)
-from loopserve.device_caps import sm_count
-from loopserve.runner.tuning import TimeFn, Tuned, fastest, fill_random_blocks_, time_in_graphs
+from loopserve.attention.triton_decode import (candidate_decode_tiles, choose_num_splits, decode_workspace,
+                                               paged_decode_attention)
+from loopserve.device_caps import FEW, MANY, launch_regime, sm_count
+from loopserve.runner.tuning import TimeFn, Tuned, chosen, described, fastest, fill_random_blocks_, time_in_graphs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def tune_decode_tiles(backend, cache: KVCache, num_q_heads: int, max_batch: int,
     for regime, batch in ((FEW, 1), (MANY, max_batch)):
         blocks_each = min(triton.cdiv(TUNING_CONTEXT, block_size), table_width, usable // max(1, batch))
         splits = choose_num_splits(batch, num_kv_heads, table_width, block_size, sm_count(device))
-        if blocks_each < 1 or decode_regime(batch * num_kv_heads * splits, device) != regime:
+        if blocks_each < 1 or launch_regime(batch * num_kv_heads * splits, device) != regime:
             continue  # this model's decode graphs never launch such a grid (or the pool cannot hold it)
         context = blocks_each * block_size
         if batch * blocks_each > filled:
@@ -73,6 +73,6 @@ def tune_decode_tiles(backend, cache: KVCache, num_q_heads: int, max_batch: int,
                         f"decode tile, {regime} programs ({batch} x {context} tokens, {splits} splits)")
         if tuned is not None:
             timings[regime] = tuned
-    backend.decode_tiles = {regime: t.chosen for regime, t in timings.items()}
-    log.info("decode attention tiles (ms a layer): %s", {r: (str(t.chosen), t.ms) for r, t in timings.items()})
+    backend.decode_tiles = chosen(timings)
+    log.info("decode attention tiles (ms a layer): %s", described(timings))
     return timings

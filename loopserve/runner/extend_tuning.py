@@ -18,8 +18,9 @@ import torch
 import triton
 
 from loopserve.attention.metadata import KVCache
-from loopserve.attention.triton_extend import FEW, MANY, candidate_extend_tiles, paged_extend_attention
-from loopserve.runner.tuning import TimeFn, Tuned, fastest, fill_random_blocks_, time_in_graphs
+from loopserve.attention.triton_extend import candidate_extend_tiles, paged_extend_attention
+from loopserve.device_caps import FEW, MANY
+from loopserve.runner.tuning import TimeFn, Tuned, chosen, described, fastest, fill_random_blocks_, time_in_graphs
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,6 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
                         f"extend tile, {regime} programs ({new} new of {context})")
         if tuned is not None:
             timings[regime] = tuned
-    backend.extend_tiles = {regime: t.chosen for regime, t in timings.items()}
-    log.info("extend attention tiles (ms a layer): %s", {r: (str(t.chosen), t.ms) for r, t in timings.items()})
+    backend.extend_tiles = chosen(timings)
+    log.info("extend attention tiles (ms a layer): %s", described(timings))
     return timings

@@ -14,7 +14,7 @@ import logging
 import torch
 
 from loopserve.model.gemv import CUBLAS, GemvChoice, candidate_tiles, gemv_by
-from loopserve.runner.tuning import TimeFn, Tuned, fastest, time_in_graphs
+from loopserve.runner.tuning import TimeFn, Tuned, chosen, described, fastest, time_in_graphs
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ def tune_gemv_choices(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) 
         tuned = fastest([*candidate_tiles(n, weight.device), CUBLAS], chain, time_fn, f"GEMV {role} ({n} x {k})")
         if tuned is not None:  # else the fused decode graphs fail to capture, and cuBLAS is kept
             timings[role] = tuned
-    model.gemv_choices = {role: t.chosen for role, t in timings.items()}
-    log.info("fused-layer GEMV choices (ms over %d layers): %s", len(layers),
-             {role: (str(t.chosen), t.ms) for role, t in timings.items()})
+    model.gemv_choices = chosen(timings)
+    log.info("fused-layer GEMV choices (ms over %d layers): %s", len(layers), described(timings))
     return timings

@@ -113,12 +113,18 @@ class ModelRunner:
         if use_graphs:
             from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
             max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
-            self._tune_extend(max_model_len or model_config.max_position_embeddings)
-            self._tune_decode(max(cuda_graph_sizes), max_blocks)
+            # The attention kernels' tiles, before any graph captures them (runner/extend_tuning.py,
+            # runner/decode_tuning.py: the decode graphs' batch sizes and table width).
+            self.extend_timings = self._tuned("extend attention tiles", lambda: tune_extend_tiles(
+                self.backend, self.kv_caches[0], model_config.num_heads,
+                max_model_len or model_config.max_position_embeddings))
+            self.decode_timings = self._tuned("decode attention tiles", lambda: tune_decode_tiles(
+                self.backend, self.kv_caches[0], model_config.num_heads, max(cuda_graph_sizes), max_blocks))
 
             def decode_graphs() -> DecodeGraphs:
                 if choose_fused_gemv_rows or model.fused_gemv_rows:
-                    self._tune_gemv()
+                    model.gemv_choices = {}  # a retry (without PDL) after a failed capture starts afresh
+                    self.gemv_timings = self._tuned("fused GEMV choices", lambda: tune_gemv_choices(model))
                 graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
                                       scratch_block=num_blocks, device=device,
                                       choose_fused_gemv_rows=choose_fused_gemv_rows)
@@ -145,34 +151,15 @@ class ModelRunner:
                     log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
                     self.prefill_graphs = None
 
-    def _tune_extend(self, max_model_len: int) -> None:
-        """The extend attention kernel's tiles, timed on this GPU (runner/extend_tuning.py), before any
-        prefill graph captures them; on failure the defaults."""
+    @staticmethod
+    def _tuned(what: str, tune: Callable[[], dict[str, Tuned]]) -> dict[str, Tuned]:
+        """A startup tuner's timings on this GPU; on a failure (a capture the driver refuses) none, and
+        the defaults stay: each tuner sets its choices only once it has timed them all."""
         try:
-            self.extend_timings = tune_extend_tiles(self.backend, self.kv_caches[0], self.cfg.num_heads,
-                                                    max_model_len)
+            return tune()
         except RuntimeError as e:
-            log.warning("extend attention tiles not tuned, defaults kept: %s", e)
-            self.backend.extend_tiles = {}
-
-    def _tune_decode(self, max_batch: int, table_width: int) -> None:
-        """The decode attention kernel's tiles, timed on this GPU (runner/decode_tuning.py) at the
-        decode graphs' shapes, before they capture them; on failure the default."""
-        try:
-            self.decode_timings = tune_decode_tiles(self.backend, self.kv_caches[0], self.cfg.num_heads, max_batch,
-                                                    table_width)
-        except RuntimeError as e:
-            log.warning("decode attention tiles not tuned, default kept: %s", e)
-            self.backend.decode_tiles = {}
-
-    def _tune_gemv(self) -> None:
-        """The fused layers' GEMV choices, timed on this GPU (runner/gemv_tuning.py); on failure the
-        default tiles."""
-        try:
-            self.gemv_timings = tune_gemv_choices(self.model)
-        except RuntimeError as e:  # a capture the driver refuses: the decode graphs' own capture says why
-            log.warning("fused GEMV choices not tuned, default tiles kept: %s", e)
-            self.model.gemv_choices = {}
+            log.warning("%s not tuned, defaults kept: %s", what, e)
+            return {}
 
     def _set_pdl(self, pdl: bool) -> None:
         """Programmatic dependent launch for the decode attention and fused GEMV kernels; `self.pdl`

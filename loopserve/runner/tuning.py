@@ -2,7 +2,7 @@
 
 Which tile shape or code path is fastest depends on the card (SMs, HBM latency, what programmatic
 dependent launch overlaps) and on the model's shapes; nothing away from the device can settle it. The
-tuners (runner/gemv_tuning.py, runner/extend_tuning.py) build, for each candidate, a call shaped like
+tuners (runner/gemv_tuning.py, runner/extend_tuning.py, runner/decode_tuning.py) build, for each candidate, a call shaped like
 the serving work it stands for, and `fastest` times them: each captured in a CUDA graph, replayed in
 alternating rounds.
 """
@@ -26,6 +26,16 @@ class Tuned:
     """The fastest candidate and the ms of every candidate that ran (by its str)."""
     chosen: object
     ms: dict[str, float]
+
+
+def chosen(timings: dict[str, Tuned]) -> dict[str, object]:
+    """Each tuned key's choice (a role's GEMV, a regime's tile)."""
+    return {key: t.chosen for key, t in timings.items()}
+
+
+def described(timings: dict[str, Tuned]) -> dict[str, tuple[str, dict[str, float]]]:
+    """Each key's choice and every candidate's ms, for the log."""
+    return {key: (str(t.chosen), t.ms) for key, t in timings.items()}
 
 
 def time_in_graphs(fns: Sequence[Callable[[], object]]) -> list[float]:

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")  # interpreter on CPU: tests/conftest.py
 
 from loopserve import SamplingParams  # noqa: E402
-from loopserve.attention.triton_decode import FEW, MANY, candidate_decode_tiles  # noqa: E402
-from loopserve.device_caps import sm_count  # noqa: E402
+from loopserve.attention.triton_decode import candidate_decode_tiles  # noqa: E402
+from loopserve.device_caps import FEW, MANY, sm_count  # noqa: E402
 from loopserve.runner.decode_tuning import tune_decode_tiles  # noqa: E402
 
 PROMPTS = [{"prompt_token_ids": ids} for ids in (list(range(3, 40)), [7, 8, 9], list(range(60, 90)))]
@@ -24,11 +24,12 @@ def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monke
     """Every candidate tile attends the tuning shapes alike (batch 1, and a batch large enough for a
     many-programs grid); each regime keeps the one the timer ranks first; decode steps then launch with
     the kept tiles and give the torch reference's tokens."""
+    from loopserve import device_caps
     from loopserve.attention import triton_decode
     from loopserve.runner import decode_tuning
 
     # An 8-SM device: a many-programs grid within the interpreter's reach (9 sequences x 2 KV heads).
-    for module in (triton_decode, decode_tuning):
+    for module in (device_caps, triton_decode, decode_tuning):
         monkeypatch.setattr(module, "sm_count", lambda device: 8)
     ref = _tokens(make_llm(attention_backend="torch", enforce_eager=True))
     llm = make_llm(attention_backend="triton", enforce_eager=True)

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")  # interpreter on CPU: tests/conftest.py
 
 from loopserve import SamplingParams  # noqa: E402
-from loopserve.attention.triton_extend import FEW, MANY, candidate_extend_tiles  # noqa: E402
+from loopserve.attention.triton_extend import candidate_extend_tiles  # noqa: E402
+from loopserve.device_caps import FEW, MANY  # noqa: E402
 from loopserve.runner.extend_tuning import tune_extend_tiles  # noqa: E402
 
 PROMPTS = [{"prompt_token_ids": ids} for ids in (list(range(3, 40)), [7, 8, 9], list(range(60, 90)))]

@@ -12,8 +12,6 @@ pytest.importorskip("triton", reason="triton is not installed: these kernels can
 
 from loopserve.attention.triton_decode import (
     BLOCK_N,
-    FEW,
-    MANY,
     MAX_SPLITS,
     NewTokens,
     candidate_decode_tiles,
@@ -21,7 +19,7 @@ from loopserve.attention.triton_decode import (
     decode_workspace,
     paged_decode_attention,
 )
-from loopserve.device_caps import sm_count
+from loopserve.device_caps import FEW, MANY, sm_count
 from loopserve.model.fused_ops import rotary_qk_store_kv_torch_
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
