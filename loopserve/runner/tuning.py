@@ -2,9 +2,9 @@
 
 Which tile shape or code path is fastest depends on the card (SMs, HBM latency, what programmatic
 dependent launch overlaps) and on the model's shapes; nothing away from the device can settle it. The
-tuners (runner/gemv_tuning.py, runner/extend_tuning.py, runner/decode_tuning.py) build, for each candidate, a call shaped like
-the serving work it stands for, and `fastest` times them: each captured in a CUDA graph, replayed in
-alternating rounds.
+tuners (runner/gemv_tuning.py, runner/extend_tuning.py, runner/decode_tuning.py) build, for each
+candidate, a call shaped like the serving work it stands for, and `fastest` times them: each captured
+in a CUDA graph, replayed in alternating rounds.
 """
 from __future__ import annotations
 
