@@ -44,6 +44,8 @@ timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode
   | tail -1 | cut -c1-300
 echo "== 135M profile: batch-1 decode"
 timeout 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
+echo "== 8B saturation, sharegpt-like, mixed steps eager (the A/B of the mixed-step graphs)"
+g 80 throughput --config $B8 --workload sharegpt --seconds 20 --no-mixed-step-graphs
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32

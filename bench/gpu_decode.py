@@ -88,7 +88,8 @@ def floor(cfg, batch: int) -> dict:
 
 
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
-          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True):
+          kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True,
+          mixed_graphs: bool = True):
     from loopserve.engine.core import EngineCore
 
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
@@ -97,7 +98,8 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
                                    scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
                                                              long_prefill_token_threshold=8192),
                                    attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap,
-                                   fused_decode_gemv=fused_gemv, programmatic_dependent_launch=pdl))
+                                   fused_decode_gemv=fused_gemv, programmatic_dependent_launch=pdl,
+                                   mixed_step_graphs=mixed_graphs))
 
 
 def _tuned(timings: dict) -> dict | None:
@@ -176,7 +178,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
-               eager: bool, overlap: bool | None = None, warmup_s: float = 5.0) -> dict:
+               eager: bool, overlap: bool | None = None, warmup_s: float = 5.0, mixed_graphs: bool = True) -> dict:
     """Saturation: more requests than fit are queued at once; output tokens per second over `seconds`
     of stepping (after a warm-up), as many requests as the time allows."""
     import random
@@ -184,7 +186,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
-    core = _core(config_dir, cfg, device, backend, eager, 256, None, overlap)
+    core = _core(config_dir, cfg, device, backend, eager, 256, None, overlap, mixed_graphs=mixed_graphs)
     rng = random.Random(0)
     vocab = cfg.vocab_size
 
@@ -214,6 +216,16 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
         return out
 
     core.scheduler.schedule = recorded_schedule
+    # Which graph set ran each step with prompt tokens (None: eager), around the runner's choice.
+    graph_sets: list[int | None] = []
+    choose = core.runner.step_graphs_for
+
+    def recorded_choice(num_tokens, host, num_logits):
+        graphs = choose(num_tokens, host, num_logits)
+        graph_sets.append(None if graphs is None else core.runner.step_graphs.index(graphs))
+        return graphs
+
+    core.runner.step_graphs_for = recorded_choice
     # How long the host waits for the device: a step's samples are read back (SampledBatch.tokens)
     # after the next step is launched, so a host that never waits is the bottleneck and the device
     # idles; one that waits most of the time keeps the device busy. Measured without a profiler, which
@@ -237,6 +249,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
         core.step()
     sync()
     steps.clear()
+    graph_sets.clear()
     waited[0] = 0.0
     t0 = time.perf_counter()
     out_tokens = finished = 0
@@ -250,22 +263,22 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     sync()
     dt = time.perf_counter() - t0
     SampledBatch.tokens = read_back
-    prefill_graphs = core.runner.prefill_graphs
-    mixed = [(b, t) for b, t, prompt in steps if prompt]
-    graphed_mixed = [(b, t) for b, t in mixed
-                     if prefill_graphs is not None and b <= prefill_graphs.max_seqs and t <= prefill_graphs.max_tokens]
+    mixed = [t for _, t, prompt in steps if prompt]
+    eager = [t for t, graph_set in zip(mixed, graph_sets) if graph_set is None]
     return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name,
-            "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap, "output_tok_s": out_tokens / dt,
+            "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap,
+            "mixed_step_graphs": len(core.runner.step_graphs) > 1, "output_tok_s": out_tokens / dt,
             "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks,
             "decode_tiles": _tuned(core.runner.decode_timings),
             "host_wait_share": waited[0] / dt,
             "host_ms_per_step": 1e3 * (dt - waited[0]) / len(steps) if steps else None,
             "steps_per_s": len(steps) / dt, "mean_seqs_per_step": statistics.fmean(b for b, _, _ in steps) if steps else 0,
             "mean_tokens_per_step": statistics.fmean(t for _, t, _ in steps) if steps else 0,
-            "decode_steps": len(steps) - len(mixed), "prompt_steps_graphed": len(graphed_mixed),
-            "prompt_steps_eager": len(mixed) - len(graphed_mixed),
-            "mean_tokens_eager_prompt_step": (statistics.fmean(t for b, t in mixed if (b, t) not in graphed_mixed)
-                                              if len(mixed) > len(graphed_mixed) else 0)}
+            "decode_steps": len(steps) - len(mixed),
+            # prompt steps by the graph set that ran them: 0 prefill graphs (a few sequences), 1 mixed-step
+            "prompt_steps_graphed": {k: graph_sets.count(k) for k in sorted({g for g in graph_sets if g is not None})},
+            "prompt_steps_eager": len(eager),
+            "mean_tokens_eager_prompt_step": statistics.fmean(eager) if eager else 0}
 
 
 def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
@@ -303,6 +316,8 @@ def main(argv=None) -> None:
                     help="engine mode: EngineConfig.fused_decode_gemv")
     ap.add_argument("--pdl", default=True, action=argparse.BooleanOptionalAction,
                     help="engine mode: EngineConfig.programmatic_dependent_launch (default: on)")
+    ap.add_argument("--mixed-step-graphs", default=True, action=argparse.BooleanOptionalAction,
+                    help="throughput mode: EngineConfig.mixed_step_graphs (default: on)")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -321,7 +336,7 @@ def main(argv=None) -> None:
                      args.pdl)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                         args.enforce_eager, args.overlap_scheduling, args.warmup)
+                         args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
     emit(res, args.config, args.device, args.out)

@@ -19,7 +19,7 @@ H100_FLOOR_8B_MS = 5.62
 ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "ms_per_step", "decode_tok_s",
             "decode_tok_s_no_overlap", "output_tok_s", "achieved_gb_s", "ttft_s", "ttft_first_shape_s",
             "ttft_long_cold_s", "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes",
-            "gemv_choices", "extend_tiles", "decode_tiles", "host_wait_share", "host_ms_per_step", "steps_per_s",
+            "gemv_choices", "extend_tiles", "decode_tiles", "mixed_step_graphs", "host_wait_share", "host_ms_per_step", "steps_per_s",
             "mean_seqs_per_step", "mean_tokens_per_step", "decode_steps", "prompt_steps_graphed",
             "prompt_steps_eager", "mean_tokens_eager_prompt_step")
 
@@ -66,6 +66,7 @@ def targets(rows: list[dict]) -> list[Target]:
         return None if row is None else row.get(key)
 
     pct = (100 * floor8["ms_per_step"] / engine8["ms_per_step"]) if floor8 and engine8 else None
+    # The first saturation row of each workload is the default engine's (gpu_check runs its A/B rows later).
     sharegpt, random1000 = (get(_first(rows, B8, f"throughput_{w}"), "output_tok_s") for w in ("sharegpt", "random1000"))
     return [
         Target("8B batch-1 decode, % of the floor", pct, 95.0, True),

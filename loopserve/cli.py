@@ -276,7 +276,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="paged attention kernels (default: auto = Triton on CUDA, torch on CPU)")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs (decode steps, and prefill / extend steps of up to 8 sequences)")
+                   help="no CUDA graphs (decode steps, prefill / extend steps of up to 8 sequences, "
+                        "mixed steps)")
+    p.add_argument("--mixed-step-graphs", default=True, action=argparse.BooleanOptionalAction,
+                   help="CUDA graphs for steps of more than 8 sequences with at most 8 prompt chunks (a busy "
+                        "server's decodes beside new prompts); --no-mixed-step-graphs runs them eagerly "
+                        "(default: on)")
     p.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="schedule and launch the next step before reading back the current one "
                         "(default: on for CUDA, off on CPU; always off with speculative decoding)")
@@ -316,7 +321,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     engine_config = EngineConfig(speculative=speculative, attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager, overlap_scheduling=args.overlap_scheduling,
-        fused_decode_gemv=args.fused_decode_gemv, programmatic_dependent_launch=args.pdl, model=path, dtype=args.dtype,
+        fused_decode_gemv=args.fused_decode_gemv, programmatic_dependent_launch=args.pdl,
+        mixed_step_graphs=args.mixed_step_graphs, model=path, dtype=args.dtype,
         device=args.device, load_format=args.load_format, seed=args.seed, max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes,
                           enable_prefix_caching=not args.no_prefix_caching,

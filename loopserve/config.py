@@ -237,7 +237,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
     # Decode steps replay CUDA graphs captured for DEFAULT_CUDA_GRAPH_BATCH_SIZES (up to max_num_seqs),
     # steps of up to DEFAULT_PREFILL_GRAPH_MAX_SEQS sequences and DEFAULT_PREFILL_GRAPH_TOKENS[-1] tokens
-    # (prefills, extends, mixed) replay prefill graphs;
+    # (prefills, extends, mixed) replay prefill graphs, larger mixed steps mixed-step graphs (below);
     # True runs every step eagerly (as vLLM's --enforce-eager).
     enforce_eager: bool = False
     # Overlap scheduling: step N+1 is scheduled and launched before step N's tokens are read back.
@@ -259,6 +259,11 @@ class EngineConfig:
     # waits for that kernel's output. False launches them plainly: the A/B baseline, and the way around a
     # driver that cannot capture such launches (the runner also falls back by itself if capture fails).
     programmatic_dependent_launch: bool = True
+    # With more than DEFAULT_PREFILL_GRAPH_MAX_SEQS running sequences, steps of decodes beside at most
+    # that many prompt chunks (and up to DEFAULT_MIXED_GRAPH_TOKENS[-1] tokens) replay mixed-step graphs
+    # too: a busy server's steady state, otherwise launched eagerly at ~0.5 ms of host time a layer.
+    # False runs them eagerly: the A/B baseline.
+    mixed_step_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.fused_decode_gemv not in FUSED_DECODE_GEMV_MODES:
@@ -279,6 +284,21 @@ DEFAULT_CUDA_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 
 DEFAULT_PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 # Sequence slots of a prefill graph: an agent turn's extend, with a few other sessions' decodes beside it.
 DEFAULT_PREFILL_GRAPH_MAX_SEQS = 8
+# Mixed-step graphs (EngineConfig.mixed_step_graphs): slots for max_num_seqs sequences, at most
+# DEFAULT_PREFILL_GRAPH_MAX_SEQS of them prompts. A busy server's step is hundreds of decodes beside a
+# prompt chunk or two; its GEMMs are compute-bound, so every padding token costs what a real one does,
+# and past 256 tokens the ladder steps by 128 (mean padding ~64 tokens, ~8 % of a 256-decode step).
+DEFAULT_MIXED_GRAPH_TOKENS = tuple(sorted({*DEFAULT_PREFILL_GRAPH_TOKENS, *range(256, 2049, 128)}))
+
+
+@dataclass(frozen=True)
+class StepGraphSpec:
+    """One set of CUDA graphs for steps with prompt tokens (runner/cuda_graphs.py: PrefillGraphs): a
+    graph per token count, each with max_seqs sequence slots of which at most max_prompts hold
+    multi-token sequences."""
+    token_sizes: tuple[int, ...]
+    max_seqs: int
+    max_prompts: int
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

@@ -42,7 +42,7 @@ class LLM:
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False,
                  overlap_scheduling: bool | None = None, fused_decode_gemv: str = "auto",
-                 programmatic_dependent_launch: bool = True) -> None:
+                 programmatic_dependent_launch: bool = True, mixed_step_graphs: bool = True) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -58,7 +58,7 @@ class LLM:
             speculative=SpeculativeConfig.from_dict(speculative_config),
             attention_backend=attention_backend, enforce_eager=enforce_eager,
             overlap_scheduling=overlap_scheduling, fused_decode_gemv=fused_decode_gemv,
-            programmatic_dependent_launch=programmatic_dependent_launch)
+            programmatic_dependent_launch=programmatic_dependent_launch, mixed_step_graphs=mixed_step_graphs)
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)

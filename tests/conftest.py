@@ -129,10 +129,13 @@ def make_llm(tiny_llama, device):
 
 @pytest.fixture
 def with_prefill_graphs():
-    """Give an eager Triton LLM prefill graphs built (not captured: what a capture records, run as a
-    replay is fed) over a pool grown by a scratch block; returns the (tokens, variant) each step used."""
+    """Give an eager Triton LLM step graph sets built (not captured: what a capture records, run as a
+    replay is fed) over a pool grown by a scratch block, tried in order as the runner's are; returns
+    the (set index, tokens, variant) each step used. `max_prompts` (None: every slot) applies to the
+    last set; the others have a prompt slot per sequence slot."""
 
-    def attach(llm, sizes: list[int], max_seqs: int) -> list[tuple[int, bool]]:
+    def attach(llm, sizes: list[int], max_seqs: int | list[int], max_prompts: int | None = None
+               ) -> list[tuple[int, int, bool]]:
         from loopserve.attention.metadata import KVCache
         from loopserve.runner.cuda_graphs import PrefillGraphs
 
@@ -141,17 +144,20 @@ def with_prefill_graphs():
                             for c in runner.kv_caches]
         scratch = runner.kv_caches[0].key.shape[0] - 1
         max_blocks = -(-llm.engine.max_model_len // runner.block_size)
-        graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_seqs, max_blocks,
-                               scratch_block=scratch, device=runner.device)
+        slots = max_seqs if isinstance(max_seqs, list) else [max_seqs]
         served = []
-        orig = graphs.forward
+        runner.step_graphs = []
+        for k, s in enumerate(slots):
+            graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend, sizes, s, max_blocks,
+                                   scratch_block=scratch, device=runner.device,
+                                   max_prompts=max_prompts if k == len(slots) - 1 else None)
 
-        def forward(t, with_single):
-            served.append((t, with_single))
-            return orig(t, with_single)
+            def forward(t, with_single, k=k, orig=graphs.forward):
+                served.append((k, t, with_single))
+                return orig(t, with_single)
 
-        graphs.forward = forward
-        runner.prefill_graphs = graphs
+            graphs.forward = forward
+            runner.step_graphs.append(graphs)
         return served
 
     return attach

@@ -60,9 +60,11 @@ class TritonPagedAttention:
         from loopserve.attention.triton_extend import live_programs_of, paged_extend_attention
 
         if meta.static_layout:
-            # A captured prefill graph: its grid covers max_query_len in every sequence slot, but the steps
-            # it serves are mostly one sequence, whose tiles pick the kernel's tile shape.
-            live, seq_ids = live_programs_of(1, query.shape[1], meta.max_query_len), None
+            # A captured graph (runner/cuda_graphs.py: PrefillGraphs): its grid covers max_query_len in
+            # each of its prompt slots, but the steps it serves mostly have one prompt, whose tiles pick
+            # the kernel's tile shape.
+            live = live_programs_of(1, query.shape[1], meta.max_query_len)
+            seq_ids = meta.derived["triton_prefill_ids"]
         elif not meta.prefill_indices:
             return self._pure_decode(query, cache, meta, scale)
         elif not meta.decode_indices:

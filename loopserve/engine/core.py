@@ -13,12 +13,14 @@ from loopserve.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     DEFAULT_CUDA_GRAPH_BATCH_SIZES,
     DEFAULT_GPU_HOST_KV_CACHE_BYTES,
+    DEFAULT_MIXED_GRAPH_TOKENS,
     DEFAULT_PREFILL_GRAPH_MAX_SEQS,
     DEFAULT_PREFILL_GRAPH_TOKENS,
     CacheConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    StepGraphSpec,
     default_device,
     resolve_dtype,
 )
@@ -95,10 +97,21 @@ def _num_kv_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     return max(1, budget // per_block)
 
 
-def _prefill_graph_tokens(sched: SchedulerConfig) -> list[int]:
-    """The prefill-graph ladder up to the first size that holds a whole step's token budget."""
-    ladder = [t for t in DEFAULT_PREFILL_GRAPH_TOKENS if t < sched.max_num_batched_tokens]
-    return ladder + [t for t in DEFAULT_PREFILL_GRAPH_TOKENS if t >= sched.max_num_batched_tokens][:1]
+def _graph_tokens(ladder: tuple[int, ...], sched: SchedulerConfig) -> tuple[int, ...]:
+    """A graph ladder up to its first size that holds a whole step's token budget."""
+    budget = sched.max_num_batched_tokens
+    return tuple(t for t in ladder if t < budget) + tuple(t for t in ladder if t >= budget)[:1]
+
+
+def _step_graph_specs(config: EngineConfig, sched: SchedulerConfig) -> list[StepGraphSpec]:
+    """Prefill graphs for steps of a few sequences, then (with more running) mixed-step graphs."""
+    if config.enforce_eager:
+        return []
+    few = min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched.max_num_seqs)
+    specs = [StepGraphSpec(_graph_tokens(DEFAULT_PREFILL_GRAPH_TOKENS, sched), few, few)]
+    if config.mixed_step_graphs and sched.max_num_seqs > few:
+        specs.append(StepGraphSpec(_graph_tokens(DEFAULT_MIXED_GRAPH_TOKENS, sched), sched.max_num_seqs, few))
+    return specs
 
 
 def _num_host_blocks(cache: CacheConfig, model_cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -159,8 +172,7 @@ class EngineCore:
                                   self.device, self.dtype, self.sampler, attention_backend=config.attention_backend,
                                   cuda_graph_sizes=graph_sizes, max_model_len=self.max_model_len,
                                   num_host_blocks=num_host_blocks,
-                                  prefill_graph_tokens=[] if config.enforce_eager else _prefill_graph_tokens(sched_cfg),
-                                  prefill_graph_max_seqs=min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched_cfg.max_num_seqs),
+                                  step_graphs=_step_graph_specs(config, sched_cfg),
                                   choose_fused_gemv_rows=choose_fused_rows,
                                   pdl=config.programmatic_dependent_launch)
         self.requests: dict[str, Request] = {}

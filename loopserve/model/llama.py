@@ -266,10 +266,12 @@ class CausalLM(nn.Module):
             h, residual = layer(h, residual, positions, self.rotary, batch, out_rows if i == last else None)
         return self.model.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> fp32 logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab], into `out` when given (the cast to fp32 is a
+        copy either way: a CUDA graph can make it into a buffer it shares with other graphs)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if out is None else out.copy_(logits)
 
     # ---- weights -------------------------------------------------------------------------------
 

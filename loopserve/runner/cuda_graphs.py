@@ -192,33 +192,47 @@ class DecodeGraphs:
 
 
 class PrefillGraphs:
-    """CUDA graphs for prefill, prefix-cache extend and mixed steps of a few sequences: one graph per
-    token count of a ladder, each in two variants (with and without 1-token rows), replayed padded.
+    """CUDA graphs for steps with prompt tokens: prefills, prefix-cache extends, and mixed steps of
+    prompt chunks beside decodes. One graph per token count of a ladder, replayed padded. Two sets
+    exist (runner): a few slots in two variants (with and without 1-token rows), for the agent turn's
+    time to first token; and, for a busy server's steady state of hundreds of decodes beside a prompt
+    chunk or two, slots for every running sequence, with at most a few of them prompts.
 
-    An eager forward of such a step costs ~25 ms of host time on an 8B model (four GEMMs and five
-    Triton launches per layer, ~40-80 us each) against ~5 ms of device time for a 128-token prompt:
-    the host, not the GPU, set the time to first token. Replaying a graph costs the input copies.
+    An eager forward of such a step costs ~15-25 ms of host time on an 8B model (four GEMMs and five
+    Triton launches per layer, ~40-80 us each), against ~5 ms of device time for a 128-token prompt
+    and ~20 ms for 256 decodes beside a 500-token chunk: the host, not the GPU, set the pace. Replaying
+    a graph costs the input copies.
 
-    Layout of a graph for T tokens and S sequence slots (all static buffers):
+    Layout of a graph for T tokens, S sequence slots and P prompt slots (all static buffers):
       * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot and
         their attention rows are never written, so they carry garbage that no real row reads;
-      * slots 0..B-1 are the step's sequences, B..S-1 empty (query_start_loc stays at n: no new tokens,
-        the extend kernel exits before reading their tables);
-      * with 1-token rows, the extend kernel skips those sequences and the decode kernel attends all S
-        slots: a 1-token sequence over its real length into its row, every other slot over one key of
-        its first block (seq len 1) into a spare attention-output row T, past the forward's rows;
-      * logits rows 0..L-1 select the sampled rows, the rest select row 0 (discarded).
+      * slots 0..B-1 are the step's sequences in its order, B..S-1 empty (query_start_loc stays at n:
+        no new tokens);
+      * the extend kernel's grid covers the P prompt slots (prompt_ids): the step's multi-token
+        sequences, then a slot without extend work (a 1-token one, which it skips, or an empty one),
+        so its programs scale with P, not S;
+      * with 1-token rows, the decode kernel attends all S slots: a 1-token sequence over its real
+        length into its row, every other slot over one key of its first block (seq len 1) into a
+        spare attention-output row T, past the forward's rows;
+      * logits rows 0..L-1 select the sampled rows, the rest select row 0 (discarded); every graph of
+        the set writes its logits into one shared buffer (a set of S = 264 slots would otherwise hold
+        135 MB of fp32 logits a graph on a 128k vocabulary).
     Triton's kernels read all lengths on the device, so a replay sees the step's real sizes.
     """
 
     def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], backend, token_sizes: list[int],
-                 max_seqs: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device) -> None:
+                 max_seqs: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device,
+                 max_prompts: int | None = None) -> None:
+        """max_prompts: prompt slots (None: every slot). With fewer than max_seqs, only the variant with
+        1-token rows is captured: a step of more sequences than prompt slots has some."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
         self.sizes = sorted(set(token_sizes))
         self.max_tokens = self.sizes[-1]
         self.max_seqs = max_seqs
+        self.max_prompts = max_seqs if max_prompts is None else min(max_prompts, max_seqs)
+        self.variants = (True, False) if self.max_prompts == max_seqs else (True,)
         self.scratch_slot = scratch_block * kv_caches[0].block_size
         t, s = self.max_tokens, max_seqs
         self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
@@ -228,10 +242,12 @@ class PrefillGraphs:
         self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(s, dtype=torch.int32, device=device)
         self.logits_rows = torch.zeros(s, dtype=torch.long, device=device)
+        self.prompt_ids = torch.zeros(self.max_prompts, dtype=torch.int32, device=device)
         self.single_rows = torch.zeros(s, dtype=torch.long, device=device)      # attention-output rows
         self.single_q_rows = torch.zeros(s, dtype=torch.long, device=device)    # their query rows
         self.single_lens = torch.ones(s, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits = torch.zeros(s, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     def _batch(self, t: int, with_single: bool) -> ForwardBatch:
         s = self.max_seqs
@@ -241,6 +257,7 @@ class PrefillGraphs:
                                  prefill_indices=list(range(s)),
                                  query_start_loc_t=self.query_start_loc, seq_lens_t=self.seq_lens,
                                  max_query_len=t, static_layout=True)
+        meta.derived["triton_prefill_ids"] = self.prompt_ids
         if with_single:
             meta.derived["triton_single_rows"] = (self.single_q_rows, self.single_rows, self.block_tables,
                                                   self.single_lens)
@@ -250,16 +267,20 @@ class PrefillGraphs:
         """The static forward for T = t: fp32 logits [max_seqs, vocab] of the rows in logits_rows."""
         hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single),
                             out_rows=self.logits_rows)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits)
 
     def capture(self) -> None:
         """Capture every (size, variant), largest first, in one memory pool."""
-        _capture_all(self.graphs, [((t, single), functools.partial(self.forward, t, single))
-                                   for t in reversed(self.sizes) for single in (True, False)])
+        captured: dict = {}
+        _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
+                                for t in reversed(self.sizes) for single in self.variants])
+        self.graphs = {key: graph for key, (graph, _) in captured.items()}
 
-    def fits(self, num_tokens: int, num_seqs: int, num_logits: int, max_blocks: int) -> bool:
-        return (num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and num_logits <= self.max_seqs
-                and max_blocks <= self.block_tables.shape[1])
+    def fits(self, num_tokens: int, num_seqs: int, num_prompts: int, num_logits: int, max_blocks: int,
+             with_single: bool) -> bool:
+        return (num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and num_prompts <= self.max_prompts
+                and num_logits <= self.max_seqs and max_blocks <= self.block_tables.shape[1]
+                and with_single in self.variants)
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -280,26 +301,36 @@ class PrefillGraphs:
         self.logits_rows[:num_logits].copy_(logits_rows)
         self.logits_rows[num_logits:].fill_(0)
         with_single = bool(meta.decode_indices)
-        if with_single:
-            self._route_single(meta, t)
+        self._route(meta, t, with_single)
         graph = self.graphs.get((t, with_single))
         if graph is None:
             logits = self.forward(t, with_single)
         else:
-            graph[0].replay()
-            logits = graph[1]
+            graph.replay()
+            logits = self.logits
         return logits[:num_logits]
 
-    def _route_single(self, meta: AttentionMetadata, t: int) -> None:
-        """single_rows / single_lens for this step: 1-token sequences attend over their real length into
-        their row, every other slot over one key (of query row 0) into the spare row t."""
-        q_rows = [0] * self.max_seqs
-        rows = [t] * self.max_seqs
-        lens = [1] * self.max_seqs
-        for i in meta.decode_indices:
-            q_rows[i] = rows[i] = meta.query_start_loc[i]
-            lens[i] = meta.seq_lens[i]
-        routing = to_device([q_rows, rows, lens], torch.long, self.single_rows.device)
-        self.single_q_rows.copy_(routing[0])
-        self.single_rows.copy_(routing[1])
-        self.single_lens.copy_(routing[2])
+    def _route(self, meta: AttentionMetadata, t: int, with_single: bool) -> None:
+        """prompt_ids for the extend kernel, and with 1-token rows single_q_rows / single_rows /
+        single_lens for the decode kernel: 1-token sequences attend over their real length into their
+        row, every other slot over one key (of query row 0) into the spare row t. One copy."""
+        prompts = meta.prefill_indices
+        # A slot the extend kernel leaves at once: a 1-token sequence (skipped) or the first empty slot
+        # (none is free only when every slot is a prompt, and then there is no padding to do).
+        idle = meta.decode_indices[0] if meta.decode_indices else meta.num_seqs
+        routing = prompts + [idle] * (self.max_prompts - len(prompts))
+        if with_single:
+            q_rows = [0] * self.max_seqs
+            rows = [t] * self.max_seqs
+            lens = [1] * self.max_seqs
+            for i in meta.decode_indices:
+                q_rows[i] = rows[i] = meta.query_start_loc[i]
+                lens[i] = meta.seq_lens[i]
+            routing += q_rows + rows + lens
+        packed = to_device(routing, torch.long, self.prompt_ids.device)
+        self.prompt_ids.copy_(packed[:self.max_prompts])
+        if with_single:
+            s, p = self.max_seqs, self.max_prompts
+            self.single_q_rows.copy_(packed[p:p + s])
+            self.single_rows.copy_(packed[p + s:p + 2 * s])
+            self.single_lens.copy_(packed[p + 2 * s:])

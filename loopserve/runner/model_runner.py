@@ -13,7 +13,7 @@ import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache, kv_cache_shape
 from loopserve.attention.triton_backend import make_backend
-from loopserve.config import ModelConfig
+from loopserve.config import ModelConfig, StepGraphSpec
 from loopserve.device_caps import pdl_supported
 from loopserve.engine.kv_cache import KVOp
 from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -77,8 +77,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
-                 num_host_blocks: int = 0, prefill_graph_tokens: list[int] | None = None,
-                 prefill_graph_max_seqs: int = 0, choose_fused_gemv_rows: int = 0, pdl: bool = True) -> None:
+                 num_host_blocks: int = 0, step_graphs: list[StepGraphSpec] | None = None,
+                 choose_fused_gemv_rows: int = 0, pdl: bool = True) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
@@ -103,7 +103,8 @@ class ModelRunner:
                          torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
                         for _ in range(model_config.num_layers)] if num_host_blocks else []
         self.graphs = None
-        self.prefill_graphs = None
+        # CUDA-graph sets for steps with prompt tokens, tried in order (runner/cuda_graphs.py)
+        self.step_graphs: list = []
         # role -> Tuned: the fused layers' startup GEMV tuning (empty when it did not run)
         self.gemv_timings: dict[str, Tuned] = {}
         # regime -> Tuned: the extend attention kernel's startup tile tuning (empty when it did not run)
@@ -141,15 +142,17 @@ class ModelRunner:
                             "capturing them without it", e)
                 self._set_pdl(False)
                 self.graphs = decode_graphs()
-            if prefill_graph_tokens and prefill_graph_max_seqs:
-                self.prefill_graphs = PrefillGraphs(model, self.kv_caches, self.backend, prefill_graph_tokens,
-                                                    prefill_graph_max_seqs, max_blocks, scratch_block=num_blocks,
-                                                    device=device)
+            for spec in step_graphs or []:
+                graphs = PrefillGraphs(model, self.kv_caches, self.backend, list(spec.token_sizes), spec.max_seqs,
+                                       max_blocks, scratch_block=num_blocks, device=device,
+                                       max_prompts=spec.max_prompts)
                 try:
-                    self.prefill_graphs.capture()
-                except RuntimeError as e:  # the decode graphs stand; prefill steps run eagerly
-                    log.warning("prefill CUDA graphs disabled, capture failed: %s", e)
-                    self.prefill_graphs = None
+                    graphs.capture()
+                except RuntimeError as e:  # the decode graphs stand; these steps run eagerly
+                    log.warning("CUDA graphs for steps of up to %d sequences disabled, capture failed: %s",
+                                spec.max_seqs, e)
+                    continue
+                self.step_graphs.append(graphs)
 
     @staticmethod
     def _tuned(what: str, tune: Callable[[], dict[str, Tuned]]) -> dict[str, Tuned]:
@@ -258,9 +261,9 @@ class ModelRunner:
         if self.graphs is not None and every_row and self.graphs.fits(len(out.seqs), host.max_blocks):
             return self.graphs.run(host, prev.batch.token_ids if host.fill_dst else None), sampling
         input_ids, positions, meta, logits_rows = self._device_inputs(host, prev)
-        if self.prefill_graphs is not None and self.prefill_graphs.fits(
-                input_ids.shape[0], len(out.seqs), logits_rows.shape[0], meta.block_tables.shape[1]):
-            logits = self.prefill_graphs.run(input_ids, positions, meta, logits_rows)
+        graphs = self.step_graphs_for(input_ids.shape[0], host, logits_rows.shape[0])
+        if graphs is not None:
+            logits = graphs.run(input_ids, positions, meta, logits_rows)
             return (logits, sampling) if sampling else (None, [])
         # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward. A pure
         # decode step samples every row in order, so it selects nothing.
@@ -270,6 +273,12 @@ class ModelRunner:
         if not sampling:
             return None, []
         return self.model.compute_logits(hidden), sampling
+
+    def step_graphs_for(self, num_tokens: int, host: StepInputs, num_logits: int):
+        """The first graph set that holds a step with prompt tokens, or None (it runs eagerly)."""
+        return next((g for g in self.step_graphs if g.fits(
+            num_tokens, len(host.seq_lens), len(host.prefill_idx), num_logits, host.max_blocks,
+            bool(host.decode_idx))), None)
 
     def _start_masks(self, out: SchedulerOutput):
         """Start filling the grammar masks of constrained rows (they fill while the forward runs). A row

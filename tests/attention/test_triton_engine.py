@@ -80,7 +80,33 @@ def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=4)
     assert _run(llm, staggered=False) == ref
     # Both variants and several sizes served steps; steps of 5 sequences (> 4 slots) ran eagerly.
-    assert {w for _, w in served} == {True, False} and len({t for t, _ in served}) >= 2
+    assert {w for _, _, w in served} == {True, False} and len({t for _, t, _ in served}) >= 2
+
+
+def test_mixed_step_graph_layout_equals_torch(make_llm, with_prefill_graphs):
+    """Mixed-step graphs: more sequence slots than prompt slots, so the extend kernel's grid covers the
+    prompt slots (padded with a slot it skips) and the decode kernel every slot. Steps of five
+    sequences with at most two prompt chunks replay the second set's layout, the rest the first set's
+    or eagerly; the torch reference's greedy tokens either way."""
+    kw = dict(max_num_batched_tokens=24, enforce_eager=True)
+    ref = _run(make_llm(attention_backend="torch", **kw), staggered=False)
+    llm = make_llm(attention_backend="triton", overlap_scheduling=True, **kw)
+    served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=[4, 8], max_prompts=2)
+    steps = []
+    step_graphs_for = llm.engine.runner.step_graphs_for
+
+    def record(num_tokens, host, num_logits):
+        graphs = step_graphs_for(num_tokens, host, num_logits)
+        steps.append((len(host.seq_lens), len(host.prefill_idx), graphs))
+        return graphs
+
+    llm.engine.runner.step_graphs_for = record
+    assert _run(llm, staggered=False) == ref
+    mixed = llm.engine.runner.step_graphs[1]
+    assert any(b == 5 and 0 < p <= 2 and g is mixed for b, p, g in steps)  # decodes beside prompt chunks
+    assert all(g is None for b, p, g in steps if b > 4 and p > 2)  # more prompts than slots: eager
+    assert {(k, w) for k, _, w in served} >= {(0, False), (1, True)}
+    assert all(w for k, _, w in served if k == 1)  # the mixed set has only the variant with 1-token rows
 
 
 @pytest.mark.parametrize("fused_gemv", ["off", "on"])
@@ -112,8 +138,27 @@ def test_cuda_graph_prefill_equals_eager(make_llm):
     for kw in (dict(max_num_batched_tokens=24), dict()):
         eager = [_run(make_llm(enforce_eager=True, **kw), staggered=s) for s in (False, True)]
         llm = make_llm(enforce_eager=False, max_num_seqs=8, **kw)
-        assert llm.engine.runner.prefill_graphs is not None and llm.engine.runner.prefill_graphs.graphs
+        assert llm.engine.runner.step_graphs and llm.engine.runner.step_graphs[0].graphs
         assert [_run(llm, staggered=s) for s in (False, True)] == eager
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_mixed_steps_equal_eager(make_llm):
+    """Ten sequences with a small token budget: steps of more than 8 sequences, decodes beside prompt
+    chunks, replay the mixed-step graphs (the second set) and give the eager engine's tokens."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = _prompts() + [{"prompt_token_ids": [t + 1 for t in p["prompt_token_ids"]]} for p in _prompts()]
+    kw = dict(max_num_batched_tokens=24, max_num_seqs=16)
+    eager = make_llm(enforce_eager=True, **kw).generate(prompts, params)
+    llm = make_llm(enforce_eager=False, **kw)
+    runner = llm.engine.runner
+    assert len(runner.step_graphs) == 2 and runner.step_graphs[1].max_seqs == 16
+    served = []
+    choose = runner.step_graphs_for
+    runner.step_graphs_for = lambda *a: served.append(choose(*a)) or served[-1]
+    graphed = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in graphed] == [o.outputs[0].token_ids for o in eager]
+    assert runner.step_graphs[1] in served
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -179,10 +224,19 @@ def test_fused_decode_gemv_modes():
         EngineConfig(fused_decode_gemv=True)
 
 
-def test_prefill_graph_ladder_stops_at_the_token_budget():
-    from loopserve.config import DEFAULT_PREFILL_GRAPH_TOKENS, SchedulerConfig
-    from loopserve.engine.core import _prefill_graph_tokens
+def test_step_graph_ladders_stop_at_the_token_budget():
+    from loopserve.config import (DEFAULT_MIXED_GRAPH_TOKENS, DEFAULT_PREFILL_GRAPH_TOKENS, EngineConfig,
+                                  SchedulerConfig, StepGraphSpec)
+    from loopserve.engine.core import _step_graph_specs
 
-    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=24)) == [16, 32]
-    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=512))[-1] == 512
-    assert _prefill_graph_tokens(SchedulerConfig(max_num_batched_tokens=1 << 16)) == list(DEFAULT_PREFILL_GRAPH_TOKENS)
+    def specs(eager=False, mixed=True, **kw):
+        return _step_graph_specs(EngineConfig(enforce_eager=eager, mixed_step_graphs=mixed), SchedulerConfig(**kw))
+
+    assert specs(max_num_batched_tokens=24, max_num_seqs=4) == [StepGraphSpec((16, 32), 4, 4)]
+    assert specs(max_num_batched_tokens=512)[0].token_sizes[-1] == 512
+    few, mixed = specs(max_num_batched_tokens=1 << 16, max_num_seqs=256)
+    assert few == StepGraphSpec(DEFAULT_PREFILL_GRAPH_TOKENS, 8, 8)
+    assert mixed == StepGraphSpec(DEFAULT_MIXED_GRAPH_TOKENS, 256, 8)
+    # Past 256 tokens the mixed ladder steps by 128 (a compute-bound step pays for its padding).
+    assert all(b - a == 128 for a, b in zip(mixed.token_sizes, mixed.token_sizes[1:]) if a >= 256)
+    assert len(specs(max_num_seqs=256, mixed=False)) == 1 and specs(eager=True) == []

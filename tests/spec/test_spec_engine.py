@@ -101,7 +101,11 @@ def test_ngram_on_looping_text_accepts_and_saves_forwards(make_llm, looping_mode
     ps = prompts(4, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     ref = token_ids(make_llm(model=looping_model).generate(ps, params))
-    llm = make_llm(model=looping_model, speculative_config={"method": "ngram", "num_speculative_tokens": 5})
+    # Adaptive speculation weighs measured step times, which CPU contention (xdist) skews: it failed
+    # this test once beside another worker. The acceptance asked for is the proposer's, so speculation
+    # stays on.
+    llm = make_llm(model=looping_model,
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 5, **ALWAYS})
     assert token_ids(llm.generate(ps, params)) == ref
     st = llm.stats().spec_decode
     assert st.num_accepted_tokens > 50 and st.acceptance_rate > 0.5 and st.mean_accepted_length > 2.0
@@ -335,4 +339,4 @@ def test_verify_passes_through_the_prefill_graph_layout(make_llm, with_prefill_g
                                speculative_config={"method": "ngram", **ALWAYS}), conts)
     served = with_prefill_graphs(llm, sizes=[8, 64], max_seqs=8)
     assert token_ids(llm.generate(ps, GREEDY)) == ref
-    assert llm.stats().spec_decode.num_drafts >= 3 and (8, False) in served  # 5-token verify steps
+    assert llm.stats().spec_decode.num_drafts >= 3 and (0, 8, False) in served  # 5-token verify steps
