@@ -237,6 +237,6 @@ def test_step_graph_ladders_stop_at_the_token_budget():
     few, mixed = specs(max_num_batched_tokens=1 << 16, max_num_seqs=256)
     assert few == StepGraphSpec(DEFAULT_PREFILL_GRAPH_TOKENS, 8, 8)
     assert mixed == StepGraphSpec(DEFAULT_MIXED_GRAPH_TOKENS, 256, 8)
-    # Past 256 tokens the mixed ladder steps by 128 (a compute-bound step pays for its padding).
-    assert all(b - a == 128 for a, b in zip(mixed.token_sizes, mixed.token_sizes[1:]) if a >= 256)
+    # Past 256 tokens the mixed ladder steps by 64 (a compute-bound step pays for its padding).
+    assert all(b - a == 64 for a, b in zip(mixed.token_sizes, mixed.token_sizes[1:]) if a >= 256)
     assert len(specs(max_num_seqs=256, mixed=False)) == 1 and specs(eager=True) == []
