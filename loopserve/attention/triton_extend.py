@@ -27,14 +27,17 @@ n_new) compute harmless finite values and are not stored. No host synchronisatio
 read on the device, the only host ints are shapes and max_query_len, so the call can be captured in a
 CUDA graph.
 
-Why one query head per program rather than packing a GQA group into the M dimension: prefill/extend
-is compute-bound once BLOCK_M rows share each K/V tile, so packing heads mostly saves L2 traffic,
-while it would complicate masking (rows of one tile at different positions) and waste rows when the
-group size is not a power of two (e.g. 6). Sibling heads read the same K/V tiles at about the same
-time, so L2 absorbs most of the repeat reads.
+One query head per program by default: a prefill/extend of at least BLOCK_M new tokens is
+compute-bound once BLOCK_M rows share each K/V tile, and packing heads changes neither the programs'
+count nor their reads there, while it wastes rows when the group size does not divide BLOCK_M (e.g.
+a group of 3 or 6). With fewer new tokens than BLOCK_M (a short agent turn or a verify pass over a
+long context) a program per head would fill only that many of its rows; such launches pack the GQA
+group into the rows (PACK_GQA: row r is token r // GROUP of head r % GROUP), which needs up to GROUP
+times fewer programs, each reading the context once for the whole group.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -203,14 +206,17 @@ def _merge_splits_kernel(
 
 @dataclass(frozen=True)
 class ExtendTile:
-    """BLOCK_M query rows a program, BLOCK_N keys an iteration, warps, software-pipeline stages."""
+    """BLOCK_M query rows a program, BLOCK_N keys an iteration, warps, software-pipeline stages; with
+    pack_gqa, a program's rows are the tokens of one KV head's whole query-head group (BLOCK_M //
+    group tokens), so each K/V tile it loads serves the group, not one head."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    pack_gqa: bool = False
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+        return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/gqa" if self.pack_gqa else "")
 
 
 def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:
@@ -233,30 +239,47 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 # The tiles runner/extend_tuning.py times for each regime (bf16 / fp16 on a GPU). The H200 sweep of
 # the sixth session (docs/PERF.md) measured some of them at the 8B shapes; the 8-warp 64-row tiles
-# (64 x 128 does not spill at 8 warps, unlike at 4) and 128 x 64 at 2 stages were not.
+# (64 x 128 does not spill at 8 warps, unlike at 4) and 128 x 64 at 2 stages were not, nor the
+# GQA-packed ones. Those matter most with few programs (256 new tokens over 8k cached: each of the
+# 128 programs reads the whole context, 4.3 MB on the 8B shape, and unpacked the four heads of a
+# group each read it; the sweep's best tile ran at ~210 TFLOP/s there).
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
-          ExtendTile(128, 64, 8, 2)),
+          ExtendTile(128, 64, 8, 2), ExtendTile(64, 128, 8, 2, True), ExtendTile(64, 64, 4, 2, True),
+          ExtendTile(128, 64, 8, 2, True)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
-           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2)),
+           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 64, 8, 2, True)),
 }
-_INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1))
+_INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1),
+                                  ExtendTile(16, 8, 1, 1, True))
 
 
-def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[ExtendTile]:
-    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile)."""
+def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device,
+                           group: int = 1) -> list[ExtendTile]:
+    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile). A
+    packed tile needs a query-head group (group > 1) that fits its rows."""
     tiles = [default_extend_tile(head_dim, dtype, device, regime)]
     if device.type != "cuda":
         extra = _INTERPRETER_EXTEND_CANDIDATES
     else:
         extra = () if dtype == torch.float32 else _GPU_EXTEND_CANDIDATES[regime]
-    return tiles + [t for t in extra if t not in tiles]
+    return tiles + [t for t in extra if t not in tiles and (not t.pack_gqa or 1 < group <= t.block_m)]
 
 
 def live_programs_of(num_seqs: int, num_q_heads: int, max_query_len: int) -> int:
     """(query tile, head) programs with work, counted in 64-row tiles: what picks the tile shape and
     the splits (the count is a heuristic's input, whatever BLOCK_M the chosen config then has)."""
     return num_seqs * num_q_heads * triton.cdiv(max_query_len, 64)
+
+
+def launched_programs(live_programs: int, num_q_heads: int, num_kv_heads: int, max_query_len: int,
+                      tile: ExtendTile) -> int:
+    """The programs with work a launch of `tile` has, from live_programs_of's count (sequences x query
+    heads x 64-row tiles): a packed tile has one per KV head and BLOCK_M // group tokens."""
+    if not tile.pack_gqa:
+        return live_programs
+    seqs = max(1, live_programs // live_programs_of(1, num_q_heads, max_query_len))
+    return seqs * num_kv_heads * triton.cdiv(max_query_len, tile.block_m // (num_q_heads // num_kv_heads))
 
 
 def choose_extend_splits(live_programs: int, num_sms: int) -> int:
@@ -325,7 +348,6 @@ def paged_extend_attention(q: torch.Tensor,
                            skip_single: bool = False,
                            live_programs: int | None = None,
                            num_splits: int | None = None,
-                           pack_gqa: bool = False,
                            seq_ids: torch.Tensor | None = None,
                            tiles: dict[str, ExtendTile] | None = None) -> torch.Tensor:
     """Causal attention of packed new tokens over their sequences' paged caches.
@@ -340,14 +362,14 @@ def paged_extend_attention(q: torch.Tensor,
     key-range splits; None counts the whole grid (a captured graph's grid is sized for its largest
     batch, so it says). num_splits: None picks by live_programs (choose_extend_splits); with more than
     one, each tile's keys are shared among that many programs and a second kernel merges them.
-    pack_gqa: one program per KV head takes the tokens of all its query heads (each K/V tile loaded
-    once per group, not once per head). Off by default: not measured on a GPU yet (bench/gpu_diag.py).
     seq_ids: int32 [P], the sequences to attend (their rows only; the others' rows are left alone);
     None attends all. The grid covers these P sequences: in a mixed step of 256 decode rows and one
     prompt, listing the prompt alone launches its tiles rather than 257 sequences' worth of programs
     that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk). tiles: regime (FEW /
-    MANY, by live_programs) -> the ExtendTile to launch with (the startup tuner's picks); a regime
-    without one takes default_extend_tile.
+    MANY, by live_programs) -> the ExtendTile to launch with (the startup tuner's picks, GQA-packed
+    or not); a regime without one takes default_extend_tile. With fewer new tokens than the tile has
+    rows, the launch packs the GQA group whatever the tile says: never more programs, each reading
+    the context once for its group's heads instead of once per head.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -374,10 +396,17 @@ def paged_extend_attention(q: torch.Tensor,
         live_programs = live_programs_of(num_listed, Hq, max_query_len)
     regime = launch_regime(live_programs, q.device)
     tile = (tiles or {}).get(regime) or default_extend_tile(D, q.dtype, q.device, regime)
+    group = Hq // Hkv
+    if not tile.pack_gqa and 1 < group <= tile.block_m and max_query_len < tile.block_m:
+        # Fewer new tokens than a tile has rows (a short agent turn, a verify pass): unpacked, each
+        # program fills max_query_len of its rows and reads the whole context for one head; packed,
+        # the group's heads fill the rest, so up to `group` times fewer programs read it.
+        tile = dataclasses.replace(tile, pack_gqa=True)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
-        num_splits = choose_extend_splits(live_programs, sm_count(q.device)) if q.is_cuda else 1
+        num_splits = (choose_extend_splits(launched_programs(live_programs, Hq, Hkv, max_query_len, tile),
+                                           sm_count(q.device)) if q.is_cuda else 1)
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
-                   tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, skip_single, num_splits, pack_gqa,
+                   tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, skip_single, num_splits, tile.pack_gqa,
                    seq_ids)

@@ -95,8 +95,8 @@ CHILD = textwrap.dedent('''
                   {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
                    "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
                   dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                       DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=False, PACK_GQA=False, TOKENS=tile.block_m,
-                       HAS_SEQ_IDS=False),
+                       DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=False, PACK_GQA=tile.pack_gqa,
+                       TOKENS=tile.block_m // 4 if tile.pack_gqa else tile.block_m, HAS_SEQ_IDS=False),
                   floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages)
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):

@@ -27,9 +27,12 @@ def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monke
     llm = make_llm(attention_backend="triton", enforce_eager=True)
     runner = llm.engine.runner
     assert runner.backend.extend_tiles == {} and runner.extend_timings == {}  # no graphs, no tuning
-    head_dim = runner.cfg.head_dim
-    candidates = candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu"))
-    assert candidates == candidate_extend_tiles(MANY, head_dim, torch.float32, torch.device("cpu"))
+    head_dim, group = runner.cfg.head_dim, runner.cfg.num_heads // runner.cfg.num_kv_heads
+    candidates = candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu"), group)
+    assert candidates == candidate_extend_tiles(MANY, head_dim, torch.float32, torch.device("cpu"), group)
+    # The last candidate is GQA-packed (the tiny model has groups of 2): kept for FEW below
+    assert candidates[-1].pack_gqa and not any(t.pack_gqa for t in candidates[:-1])
+    assert not any(t.pack_gqa for t in candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu")))
     seen = []
 
     def time_fn(fns):
@@ -51,11 +54,11 @@ def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monke
 
     launched = []
     orig = triton_extend._launch
-    monkeypatch.setattr(triton_extend, "_launch", lambda *a, **kw: launched.append(a[9:13]) or orig(*a, **kw))
+    monkeypatch.setattr(triton_extend, "_launch",
+                        lambda *a, **kw: launched.append(triton_extend.ExtendTile(*a[9:13], a[15])) or orig(*a, **kw))
     assert _tokens(llm) == ref
-    # The test's prompts are few programs: every launch took FEW's tile.
-    chosen = candidates[-1]
-    assert launched and set(launched) == {(chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages)}
+    # The test's prompts are few programs: every launch took FEW's tile, packed.
+    assert launched and set(launched) == {candidates[-1]}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner times CUDA graphs on a GPU")

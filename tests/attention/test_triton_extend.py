@@ -153,13 +153,43 @@ def test_listed_sequences_only(num_splits):
 def test_gqa_packed_tiles(hq, hkv, num_splits):
     """One program per KV head over the tokens of its whole query-head group: the reference, with and
     without key-range splits, and single-token rows skipped on request."""
+    from loopserve.attention.triton_extend import FEW, MANY, ExtendTile
+
+    packed = ExtendTile(16, 8, 1, 1, pack_gqa=True)
+    tiles = {FEW: packed, MANY: packed}
     batch = make_batch(MIXED, hq, hkv, 16, 4, torch.float32, seed=hq * 7 + num_splits)
-    check(batch, paged_extend_attention(**batch, num_splits=num_splits, pack_gqa=True), torch.float32)
+    check(batch, paged_extend_attention(**batch, num_splits=num_splits, tiles=tiles), torch.float32)
     out = torch.full_like(batch["q"], 5.0)
-    paged_extend_attention(**batch, out=out, skip_single=True, num_splits=1, pack_gqa=True)
+    paged_extend_attention(**batch, out=out, skip_single=True, num_splits=1, tiles=tiles)
     qsl = batch["query_start_loc"].tolist()
     single = [qsl[b] for b, (_, n) in enumerate(MIXED) if n == 1]
     assert (out[single] == 5.0).all()
+
+
+@pytest.mark.parametrize("spec,packed", [([(0, 5), (9, 3), (20, 1)], True), ([(0, 20), (3, 2)], False)])
+def test_short_extends_pack_the_gqa_group(spec, packed, monkeypatch):
+    """Fewer new tokens than the tile has rows (BLOCK_M = 16 in the interpreter): the launch packs
+    the query-head group into the rows, whatever tile it was given; the result is the reference's."""
+    from loopserve.attention import triton_extend
+
+    launched = []
+    orig = triton_extend._launch
+    monkeypatch.setattr(triton_extend, "_launch", lambda *a, **kw: launched.append(a[15]) or orig(*a, **kw))
+    batch = make_batch(spec, 8, 2, 16, 4, torch.float32, seed=41)
+    check(batch, paged_extend_attention(**batch), torch.float32)
+    assert launched == [packed]
+
+
+def test_packed_launches_count_their_programs():
+    """A packed launch's split choice counts its own programs: on the 8B shape (32 query heads, 8 KV
+    heads), 16 new tokens are 8 packed programs (split 8 ways) against 32 unpacked (4 ways)."""
+    from loopserve.attention.triton_extend import ExtendTile, launched_programs, live_programs_of
+
+    live = live_programs_of(1, 32, 16)
+    packed, plain = ExtendTile(64, 64, 4, 2, pack_gqa=True), ExtendTile(64, 64, 4, 2)
+    assert (launched_programs(live, 32, 8, 16, plain), launched_programs(live, 32, 8, 16, packed)) == (32, 8)
+    assert launched_programs(live_programs_of(3, 32, 40), 32, 8, 40, packed) == 3 * 8 * 3  # 16 tokens a tile
+    assert launched_programs(live_programs_of(1, 32, 256), 32, 8, 256, packed) == 128  # as many as unpacked
 
 
 def test_split_choice():
