@@ -208,15 +208,19 @@ def _merge_splits_kernel(
 class ExtendTile:
     """BLOCK_M query rows a program, BLOCK_N keys an iteration, warps, software-pipeline stages; with
     pack_gqa, a program's rows are the tokens of one KV head's whole query-head group (BLOCK_M //
-    group tokens), so each K/V tile it loads serves the group, not one head."""
+    group tokens), so each K/V tile it loads serves the group, not one head. per_sm: the programs an
+    SM runs at once that a launch of few programs aims to fill, by splitting key ranges
+    (choose_extend_splits): 1 keeps a launch of ~one program an SM unsplit."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     pack_gqa: bool = False
+    per_sm: int = 1
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/gqa" if self.pack_gqa else "")
+        return (f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/gqa" if self.pack_gqa else "")
+                + (f"/x{self.per_sm}" if self.per_sm > 1 else ""))
 
 
 def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:
@@ -239,31 +243,31 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 # The tiles runner/extend_tuning.py times for each regime (bf16 / fp16 on a GPU). The H200 sweep of
 # the sixth session (docs/PERF.md) measured some of them at the 8B shapes; the 8-warp 64-row tiles
-# (64 x 128 does not spill at 8 warps, unlike at 4) and 128 x 64 at 2 stages were not, nor the
-# GQA-packed ones. Those matter most with few programs (256 new tokens over 8k cached: each of the
-# 128 programs reads the whole context, 4.3 MB on the 8B shape, and unpacked the four heads of a
-# group each read it; the sweep's best tile ran at ~210 TFLOP/s there).
+# (64 x 128 does not spill at 8 warps, unlike at 4) and 128 x 64 at 2 stages were not. With few
+# programs (256 new tokens over 8k cached: 128 programs, each walking the whole context) the sweep's
+# best tile, 64 x 128 (~148 KB of shared memory: one program an SM), ran at ~210 TFLOP/s, a
+# latency-bound walk. 64 x 64 at 4 warps fits two an SM (80 KB, ~200 registers a thread): its per_sm=2
+# twin splits such a launch's key ranges two ways, so each SM runs two shorter walks at once.
+# Packing the GQA group changes neither the programs' count nor their reads at >= BLOCK_M new tokens,
+# and launches with fewer pack anyway: no packed candidates.
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
-          ExtendTile(128, 64, 8, 2), ExtendTile(64, 128, 8, 2, True), ExtendTile(64, 64, 4, 2, True),
-          ExtendTile(128, 64, 8, 2, True)),
+          ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
-           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 64, 8, 2, True)),
+           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2)),
 }
 _INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1),
-                                  ExtendTile(16, 8, 1, 1, True))
+                                  ExtendTile(16, 8, 1, 1, per_sm=2))
 
 
-def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device,
-                           group: int = 1) -> list[ExtendTile]:
-    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile). A
-    packed tile needs a query-head group (group > 1) that fits its rows."""
+def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[ExtendTile]:
+    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile)."""
     tiles = [default_extend_tile(head_dim, dtype, device, regime)]
     if device.type != "cuda":
         extra = _INTERPRETER_EXTEND_CANDIDATES
     else:
         extra = () if dtype == torch.float32 else _GPU_EXTEND_CANDIDATES[regime]
-    return tiles + [t for t in extra if t not in tiles and (not t.pack_gqa or 1 < group <= t.block_m)]
+    return tiles + [t for t in extra if t not in tiles]
 
 
 def live_programs_of(num_seqs: int, num_q_heads: int, max_query_len: int) -> int:
@@ -282,17 +286,18 @@ def launched_programs(live_programs: int, num_q_heads: int, num_kv_heads: int, m
     return seqs * num_kv_heads * triton.cdiv(max_query_len, tile.block_m // (num_q_heads // num_kv_heads))
 
 
-def choose_extend_splits(live_programs: int, num_sms: int) -> int:
-    """Splits of each tile's key range: only while most SMs would idle, then as many as keep the launch
-    to one wave (live x splits <= SMs; at most MAX_EXTEND_SPLITS). With the JIT's specialisations a
-    program with 128-wide key tiles needs ~148 KB of shared memory, so one runs per SM
-    (tests/attention/test_compile_hopper.py): a second wave would run mostly alone. At 256 new tokens
-    over an 8k prefix (128 programs) five splits (640 programs, five waves) measured 0.24 ms a layer
-    against 0.17 ms unsplit on an H200. A short agent turn (64 new tokens x 32 heads, 32 programs) over
-    a long cached prefix splits four ways."""
-    if 2 * live_programs >= num_sms:
+def choose_extend_splits(live_programs: int, num_sms: int, per_sm: int = 1) -> int:
+    """Splits of each tile's key range: only while most of the launch's slots (per_sm programs an SM,
+    the tile's) would idle, then as many as keep it to one wave (live x splits <= slots; at most
+    MAX_EXTEND_SPLITS). With the JIT's specialisations a program with 128-wide key tiles needs ~148 KB
+    of shared memory, so one runs per SM (tests/attention/test_compile_hopper.py): a second wave
+    would run mostly alone. At 256 new tokens over an 8k prefix (128 programs) five splits (640
+    programs, five waves) measured 0.24 ms a layer against 0.17 ms unsplit on an H200. A short agent
+    turn (64 new tokens x 32 heads, 32 programs) over a long cached prefix splits four ways."""
+    slots = num_sms * per_sm
+    if 2 * live_programs >= slots:
         return 1
-    return max(1, min(MAX_EXTEND_SPLITS, num_sms // max(1, live_programs)))
+    return max(1, min(MAX_EXTEND_SPLITS, slots // max(1, live_programs)))
 
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
@@ -405,7 +410,7 @@ def paged_extend_attention(q: torch.Tensor,
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.
         num_splits = (choose_extend_splits(launched_programs(live_programs, Hq, Hkv, max_query_len, tile),
-                                           sm_count(q.device)) if q.is_cuda else 1)
+                                           sm_count(q.device), tile.per_sm) if q.is_cuda else 1)
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
                    tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, skip_single, num_splits, tile.pack_gqa,

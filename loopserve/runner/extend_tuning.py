@@ -8,8 +8,8 @@ tokens over a cached prefix, and a cold prompt, each up to 8,192 tokens (what th
 context window allow). The blocks it reads are filled with random keys and values first, so the
 candidates' results can be checked against each other (runner/tuning.py); nothing reads a block
 before its sequence has written it, so serving is unaffected. The fastest tile of each regime goes
-to the backend's `extend_tiles`. Candidates include GQA-packed tiles (a program per KV head over its
-query-head group's tokens), which share each K/V tile among the group's heads.
+to the backend's `extend_tiles`. A candidate's per_sm sets how a launch of few programs splits its
+key ranges (triton_extend.choose_extend_splits), so the timing covers that choice too.
 """
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
             return paged_extend_attention(q, key, value, tables, qsl, lens, new, head_dim ** -0.5, out=out,
                                           tiles={FEW: tile, MANY: tile})
 
-        group = num_q_heads // cache.num_kv_heads
-        tuned = fastest(candidate_extend_tiles(regime, head_dim, key.dtype, device, group), attend, time_fn,
+        tuned = fastest(candidate_extend_tiles(regime, head_dim, key.dtype, device), attend, time_fn,
                         f"extend tile, {regime} programs ({new} new of {context})")
         if tuned is not None:
             timings[regime] = tuned

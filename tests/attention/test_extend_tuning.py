@@ -2,6 +2,8 @@
 Triton's interpreter and a stand-in timer ranks them; on a GPU they are timed in CUDA graphs."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,12 +29,9 @@ def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monke
     llm = make_llm(attention_backend="triton", enforce_eager=True)
     runner = llm.engine.runner
     assert runner.backend.extend_tiles == {} and runner.extend_timings == {}  # no graphs, no tuning
-    head_dim, group = runner.cfg.head_dim, runner.cfg.num_heads // runner.cfg.num_kv_heads
-    candidates = candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu"), group)
-    assert candidates == candidate_extend_tiles(MANY, head_dim, torch.float32, torch.device("cpu"), group)
-    # The last candidate is GQA-packed (the tiny model has groups of 2): kept for FEW below
-    assert candidates[-1].pack_gqa and not any(t.pack_gqa for t in candidates[:-1])
-    assert not any(t.pack_gqa for t in candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu")))
+    head_dim = runner.cfg.head_dim
+    candidates = candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu"))
+    assert candidates == candidate_extend_tiles(MANY, head_dim, torch.float32, torch.device("cpu"))
     seen = []
 
     def time_fn(fns):
@@ -55,10 +54,15 @@ def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monke
     launched = []
     orig = triton_extend._launch
     monkeypatch.setattr(triton_extend, "_launch",
-                        lambda *a, **kw: launched.append(triton_extend.ExtendTile(*a[9:13], a[15])) or orig(*a, **kw))
+                        lambda *a, **kw: launched.append((triton_extend.ExtendTile(*a[9:13], a[15]), a[6]))
+                        or orig(*a, **kw))
     assert _tokens(llm) == ref
-    # The test's prompts are few programs: every launch took FEW's tile, packed.
-    assert launched and set(launched) == {candidates[-1]}
+    # The test's prompts are few programs: every launch took FEW's tile, packed only with fewer new
+    # tokens than the tile has rows (the tiny model has groups of 2).
+    chosen = candidates[-1]
+    assert launched and {dataclasses.replace(t, pack_gqa=False) for t, _ in launched} == {
+        dataclasses.replace(chosen, per_sm=1)}
+    assert all(t.pack_gqa == (max_query_len < chosen.block_m) for t, max_query_len in launched)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tuner times CUDA graphs on a GPU")

@@ -199,6 +199,9 @@ def test_split_choice():
     assert choose_extend_splits(32, 132) == 4                   # 64 new tokens x 32 heads: 100 SMs idle
     assert choose_extend_splits(40, 132) == 3                   # 120 programs: one wave, not 160 in two
     assert choose_extend_splits(1, 132) == MAX_EXTEND_SPLITS
+    # A tile two of which fit an SM: 256 new tokens over a cached prefix split two ways, one wave
+    assert choose_extend_splits(128, 132, per_sm=2) == 2 and choose_extend_splits(140, 132, per_sm=2) == 1
+    assert choose_extend_splits(32, 132, per_sm=2) == MAX_EXTEND_SPLITS
 
 
 def test_out_strided_q_int32_tables_and_loose_max_query_len():
