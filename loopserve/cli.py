@@ -279,7 +279,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="no CUDA graphs (decode steps, prefill / extend steps of up to 8 sequences, "
                         "mixed steps)")
     p.add_argument("--mixed-step-graphs", default=True, action=argparse.BooleanOptionalAction,
-                   help="CUDA graphs for steps of more than 8 sequences with at most 8 prompt chunks (a busy "
+                   help="CUDA graphs for steps of more than 8 sequences with at most 4 prompt chunks (a busy "
                         "server's decodes beside new prompts); --no-mixed-step-graphs runs them eagerly "
                         "(default: on)")
     p.add_argument("--overlap-scheduling", default=None, action=argparse.BooleanOptionalAction,

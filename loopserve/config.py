@@ -260,8 +260,9 @@ class EngineConfig:
     # driver that cannot capture such launches (the runner also falls back by itself if capture fails).
     programmatic_dependent_launch: bool = True
     # With more than DEFAULT_PREFILL_GRAPH_MAX_SEQS running sequences, steps of decodes beside at most
-    # that many prompt chunks (and up to DEFAULT_MIXED_GRAPH_TOKENS[-1] tokens) replay mixed-step graphs
-    # too: a busy server's steady state, otherwise launched eagerly at ~0.5 ms of host time a layer.
+    # DEFAULT_MIXED_GRAPH_MAX_PROMPTS prompt chunks (and up to DEFAULT_MIXED_GRAPH_TOKENS[-1] tokens)
+    # replay mixed-step graphs too: a busy server's steady state, otherwise launched eagerly at ~0.5 ms
+    # of host time a layer.
     # False runs them eagerly: the A/B baseline.
     mixed_step_graphs: bool = True
 
@@ -285,10 +286,13 @@ DEFAULT_PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 
 # Sequence slots of a prefill graph: an agent turn's extend, with a few other sessions' decodes beside it.
 DEFAULT_PREFILL_GRAPH_MAX_SEQS = 8
 # Mixed-step graphs (EngineConfig.mixed_step_graphs): slots for max_num_seqs sequences, at most
-# DEFAULT_PREFILL_GRAPH_MAX_SEQS of them prompts. A busy server's step is hundreds of decodes beside a
-# prompt chunk or two; its GEMMs are compute-bound, so every padding token costs what a real one does,
+# DEFAULT_MIXED_GRAPH_MAX_PROMPTS of them prompts. A busy server's step is hundreds of decodes beside a
+# prompt chunk or two (~0.8 new prompts a step in the H200's ShareGPT-like saturation run); the extend
+# kernel's grid covers every prompt slot, and a slot without a prompt costs a layer ~Hq x T / 64
+# programs that exit at once. Its GEMMs are compute-bound, so every padding token costs what a real one does,
 # and past 256 tokens the ladder steps by 64 (mean padding ~32 tokens, ~4 % of a step of 256 decodes
 # and a 500-token chunk; each graph adds ~0.1 s of capture at startup on an 8B model).
+DEFAULT_MIXED_GRAPH_MAX_PROMPTS = 4
 DEFAULT_MIXED_GRAPH_TOKENS = tuple(sorted({*DEFAULT_PREFILL_GRAPH_TOKENS, *range(256, 2049, 64)}))
 
 

@@ -219,8 +219,8 @@ class ExtendTile:
     per_sm: int = 1
 
     def __str__(self) -> str:
-        return (f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s" + ("/gqa" if self.pack_gqa else "")
-                + (f"/x{self.per_sm}" if self.per_sm > 1 else ""))
+        return (f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+                + ("/gqa" if self.pack_gqa else "") + (f"/x{self.per_sm}" if self.per_sm > 1 else ""))
 
 
 def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:

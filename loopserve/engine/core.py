@@ -13,6 +13,7 @@ from loopserve.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     DEFAULT_CUDA_GRAPH_BATCH_SIZES,
     DEFAULT_GPU_HOST_KV_CACHE_BYTES,
+    DEFAULT_MIXED_GRAPH_MAX_PROMPTS,
     DEFAULT_MIXED_GRAPH_TOKENS,
     DEFAULT_PREFILL_GRAPH_MAX_SEQS,
     DEFAULT_PREFILL_GRAPH_TOKENS,
@@ -110,7 +111,8 @@ def _step_graph_specs(config: EngineConfig, sched: SchedulerConfig) -> list[Step
     few = min(DEFAULT_PREFILL_GRAPH_MAX_SEQS, sched.max_num_seqs)
     specs = [StepGraphSpec(_graph_tokens(DEFAULT_PREFILL_GRAPH_TOKENS, sched), few, few)]
     if config.mixed_step_graphs and sched.max_num_seqs > few:
-        specs.append(StepGraphSpec(_graph_tokens(DEFAULT_MIXED_GRAPH_TOKENS, sched), sched.max_num_seqs, few))
+        specs.append(StepGraphSpec(_graph_tokens(DEFAULT_MIXED_GRAPH_TOKENS, sched), sched.max_num_seqs,
+                                   DEFAULT_MIXED_GRAPH_MAX_PROMPTS))
     return specs
 
 

@@ -225,8 +225,8 @@ def test_fused_decode_gemv_modes():
 
 
 def test_step_graph_ladders_stop_at_the_token_budget():
-    from loopserve.config import (DEFAULT_MIXED_GRAPH_TOKENS, DEFAULT_PREFILL_GRAPH_TOKENS, EngineConfig,
-                                  SchedulerConfig, StepGraphSpec)
+    from loopserve.config import (DEFAULT_MIXED_GRAPH_MAX_PROMPTS, DEFAULT_MIXED_GRAPH_TOKENS,
+                                  DEFAULT_PREFILL_GRAPH_TOKENS, EngineConfig, SchedulerConfig, StepGraphSpec)
     from loopserve.engine.core import _step_graph_specs
 
     def specs(eager=False, mixed=True, **kw):
@@ -236,7 +236,7 @@ def test_step_graph_ladders_stop_at_the_token_budget():
     assert specs(max_num_batched_tokens=512)[0].token_sizes[-1] == 512
     few, mixed = specs(max_num_batched_tokens=1 << 16, max_num_seqs=256)
     assert few == StepGraphSpec(DEFAULT_PREFILL_GRAPH_TOKENS, 8, 8)
-    assert mixed == StepGraphSpec(DEFAULT_MIXED_GRAPH_TOKENS, 256, 8)
+    assert mixed == StepGraphSpec(DEFAULT_MIXED_GRAPH_TOKENS, 256, DEFAULT_MIXED_GRAPH_MAX_PROMPTS)
     # Past 256 tokens the mixed ladder steps by 64 (a compute-bound step pays for its padding).
     assert all(b - a == 64 for a, b in zip(mixed.token_sizes, mixed.token_sizes[1:]) if a >= 256)
     assert len(specs(max_num_seqs=256, mixed=False)) == 1 and specs(eager=True) == []
