@@ -199,9 +199,9 @@ class PrefillGraphs:
     chunk or two, slots for every running sequence, with at most a few of them prompts.
 
     An eager forward of such a step costs ~15-25 ms of host time on an 8B model (four GEMMs and five
-    Triton launches per layer, ~40-80 us each), against ~5 ms of device time for a 128-token prompt
-    and ~20 ms for 256 decodes beside a 500-token chunk: the host, not the GPU, set the pace. Replaying
-    a graph costs the input copies.
+    Triton launches per layer, ~40-80 us each). Against ~5 ms of device time for a 128-token prompt,
+    the host set the time to first token; against ~20 ms for 256 decodes beside a 500-token chunk, it
+    is as long as the device's work (estimates: docs/PERF.md). Replaying a graph costs the input copies.
 
     Layout of a graph for T tokens, S sequence slots and P prompt slots (all static buffers):
       * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot and
