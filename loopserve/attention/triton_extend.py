@@ -373,8 +373,8 @@ def paged_extend_attention(q: torch.Tensor,
     that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk). tiles: regime (FEW /
     MANY, by live_programs) -> the ExtendTile to launch with (the startup tuner's picks, GQA-packed
     or not); a regime without one takes default_extend_tile. With fewer new tokens than the tile has
-    rows, the launch packs the GQA group whatever the tile says: never more programs, each reading
-    the context once for its group's heads instead of once per head.
+    rows, the launch packs the GQA group whatever the tile says, where that takes fewer programs,
+    each reading the context once for its group's heads instead of once per head.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -402,10 +402,13 @@ def paged_extend_attention(q: torch.Tensor,
     regime = launch_regime(live_programs, q.device)
     tile = (tiles or {}).get(regime) or default_extend_tile(D, q.dtype, q.device, regime)
     group = Hq // Hkv
-    if not tile.pack_gqa and 1 < group <= tile.block_m and max_query_len < tile.block_m:
+    if (not tile.pack_gqa and 1 < group <= tile.block_m and max_query_len < tile.block_m
+            and triton.cdiv(max_query_len, tile.block_m // group) < group):
         # Fewer new tokens than a tile has rows (a short agent turn, a verify pass): unpacked, each
         # program fills max_query_len of its rows and reads the whole context for one head; packed,
-        # the group's heads fill the rest, so up to `group` times fewer programs read it.
+        # the group's heads fill the rest, so up to `group` times fewer programs read it. (A group
+        # that does not divide BLOCK_M leaves spare rows: just under BLOCK_M tokens would then take
+        # more packed programs than heads, and stay unpacked.)
         tile = dataclasses.replace(tile, pack_gqa=True)
     if num_splits is None:
         # An occupancy choice for GPUs; in the interpreter extra programs only cost time.

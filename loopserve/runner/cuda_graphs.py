@@ -27,11 +27,10 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def _capture_all(graphs: dict, forwards: list) -> None:
+def _capture_all(graphs: dict, forwards: list, pool=None):
     """Capture each (key, forward) into `graphs[key] = (graph, output)`, in order, all in one memory
-    pool (list the largest first: it sets the pool's size). Each forward runs twice uncaptured first,
-    so kernels compile and autotune outside the capture."""
-    pool = None
+    pool (list the largest first: it sets the pool's size), `pool` if given; returns the pool. Each
+    forward runs twice uncaptured first, so kernels compile and autotune outside the capture."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -45,6 +44,7 @@ def _capture_all(graphs: dict, forwards: list) -> None:
             graphs[key] = (graph, output)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+    return pool
 
 
 def capture_graph(fn) -> torch.cuda.CUDAGraph:
@@ -269,12 +269,14 @@ class PrefillGraphs:
                             out_rows=self.logits_rows)
         return self.model.compute_logits(hidden, out=self.logits)
 
-    def capture(self) -> None:
-        """Capture every (size, variant), largest first, in one memory pool."""
+    def capture(self, pool=None):
+        """Capture every (size, variant), largest first, in one memory pool: `pool` if given (sets of
+        step graphs are never replayed at once, and their logits live outside it); returns it."""
         captured: dict = {}
-        _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
-                                for t in reversed(self.sizes) for single in self.variants])
+        pool = _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
+                                       for t in reversed(self.sizes) for single in self.variants], pool)
         self.graphs = {key: graph for key, (graph, _) in captured.items()}
+        return pool
 
     def fits(self, num_tokens: int, num_seqs: int, num_prompts: int, num_logits: int, max_blocks: int,
              with_single: bool) -> bool:

@@ -142,12 +142,13 @@ class ModelRunner:
                             "capturing them without it", e)
                 self._set_pdl(False)
                 self.graphs = decode_graphs()
+            pool = None  # one memory pool for every set of step graphs
             for spec in step_graphs or []:
                 graphs = PrefillGraphs(model, self.kv_caches, self.backend, list(spec.token_sizes), spec.max_seqs,
                                        max_blocks, scratch_block=num_blocks, device=device,
                                        max_prompts=spec.max_prompts)
                 try:
-                    graphs.capture()
+                    pool = graphs.capture(pool)
                 except RuntimeError as e:  # the decode graphs stand; these steps run eagerly
                     log.warning("CUDA graphs for steps of up to %d sequences disabled, capture failed: %s",
                                 spec.max_seqs, e)

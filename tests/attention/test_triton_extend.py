@@ -166,16 +166,23 @@ def test_gqa_packed_tiles(hq, hkv, num_splits):
     assert (out[single] == 5.0).all()
 
 
-@pytest.mark.parametrize("spec,packed", [([(0, 5), (9, 3), (20, 1)], True), ([(0, 20), (3, 2)], False)])
-def test_short_extends_pack_the_gqa_group(spec, packed, monkeypatch):
+@pytest.mark.parametrize("spec,hq,hkv,packed", [
+    ([(0, 5), (9, 3), (20, 1)], 8, 2, True),  # groups of 4, 4 tokens a packed tile: 2 programs a KV head, not 4
+    ([(0, 20), (3, 2)], 8, 2, False),         # at least as many new tokens as the tile has rows
+    ([(0, 15), (9, 3)], 8, 2, False),         # 4 packed programs a KV head: no fewer than its 4 heads
+    ([(7, 9)], 12, 2, True),                  # groups of 6, 2 tokens a packed tile (4 spare rows): 5, not 6
+    ([(7, 13)], 12, 2, False),                # 7 packed programs would be more than 6 heads
+])
+def test_short_extends_pack_the_gqa_group(spec, hq, hkv, packed, monkeypatch):
     """Fewer new tokens than the tile has rows (BLOCK_M = 16 in the interpreter): the launch packs
-    the query-head group into the rows, whatever tile it was given; the result is the reference's."""
+    the query-head group into the rows, whatever tile it was given, where that takes fewer programs
+    than there are query heads; the result is the reference's."""
     from loopserve.attention import triton_extend
 
     launched = []
     orig = triton_extend._launch
     monkeypatch.setattr(triton_extend, "_launch", lambda *a, **kw: launched.append(a[15]) or orig(*a, **kw))
-    batch = make_batch(spec, 8, 2, 16, 4, torch.float32, seed=41)
+    batch = make_batch(spec, hq, hkv, 16, 4, torch.float32, seed=41)
     check(batch, paged_extend_attention(**batch), torch.float32)
     assert launched == [packed]
 
