@@ -203,7 +203,8 @@ class PrefillGraphs:
     the host set the time to first token; against ~20 ms for 256 decodes beside a 500-token chunk, it
     is as long as the device's work (estimates: docs/PERF.md). Replaying a graph costs the input copies.
 
-    Layout of a graph for T tokens, S sequence slots and P prompt slots (all static buffers):
+    Layout of a graph for T tokens, S sequence slots (the set's, at most T: `slots`) and P prompt
+    slots (all static buffers):
       * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot and
         their attention rows are never written, so they carry garbage that no real row reads;
       * slots 0..B-1 are the step's sequences in its order, B..S-1 empty (query_start_loc stays at n:
@@ -249,25 +250,32 @@ class PrefillGraphs:
         self.logits = torch.zeros(s, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
+    def slots(self, t: int) -> int:
+        """The sequence slots of the graph for t tokens: a step has no more sequences, nor sampled
+        rows, than tokens, so a 16-token graph of a 256-slot set attends and samples 16 slots."""
+        return min(self.max_seqs, t)
+
     def _batch(self, t: int, with_single: bool) -> ForwardBatch:
-        s = self.max_seqs
+        s = self.slots(t)
+        tables = self.block_tables[:s]
         meta = AttentionMetadata(query_start_loc=[0] * (s + 1), seq_lens=[1] * s,
-                                 slot_mapping=self.slot_mapping[:t], block_tables=self.block_tables,
+                                 slot_mapping=self.slot_mapping[:t], block_tables=tables,
                                  decode_indices=list(range(s)) if with_single else [],
                                  prefill_indices=list(range(s)),
-                                 query_start_loc_t=self.query_start_loc, seq_lens_t=self.seq_lens,
+                                 query_start_loc_t=self.query_start_loc[:s + 1], seq_lens_t=self.seq_lens[:s],
                                  max_query_len=t, static_layout=True)
         meta.derived["triton_prefill_ids"] = self.prompt_ids
         if with_single:
-            meta.derived["triton_single_rows"] = (self.single_q_rows, self.single_rows, self.block_tables,
-                                                  self.single_lens)
+            meta.derived["triton_single_rows"] = (self.single_q_rows[:s], self.single_rows[:s], tables,
+                                                  self.single_lens[:s])
         return ForwardBatch(meta, self.kv_caches, self.backend)
 
     def forward(self, t: int, with_single: bool) -> torch.Tensor:
-        """The static forward for T = t: fp32 logits [max_seqs, vocab] of the rows in logits_rows."""
+        """The static forward for T = t: fp32 logits [slots(t), vocab] of the rows in logits_rows."""
+        s = self.slots(t)
         hidden = self.model(self.input_ids[:t], self.positions[:t], self._batch(t, with_single),
-                            out_rows=self.logits_rows)
-        return self.model.compute_logits(hidden, out=self.logits)
+                            out_rows=self.logits_rows[:s])
+        return self.model.compute_logits(hidden, out=self.logits[:s])
 
     def capture(self, pool=None):
         """Capture every (size, variant), largest first, in one memory pool: `pool` if given (sets of
@@ -321,10 +329,11 @@ class PrefillGraphs:
         # (none is free only when every slot is a prompt, and then there is no padding to do).
         idle = meta.decode_indices[0] if meta.decode_indices else meta.num_seqs
         routing = prompts + [idle] * (self.max_prompts - len(prompts))
+        s = self.slots(t)
         if with_single:
-            q_rows = [0] * self.max_seqs
-            rows = [t] * self.max_seqs
-            lens = [1] * self.max_seqs
+            q_rows = [0] * s
+            rows = [t] * s
+            lens = [1] * s
             for i in meta.decode_indices:
                 q_rows[i] = rows[i] = meta.query_start_loc[i]
                 lens[i] = meta.seq_lens[i]
@@ -332,7 +341,7 @@ class PrefillGraphs:
         packed = to_device(routing, torch.long, self.prompt_ids.device)
         self.prompt_ids.copy_(packed[:self.max_prompts])
         if with_single:
-            s, p = self.max_seqs, self.max_prompts
-            self.single_q_rows.copy_(packed[p:p + s])
-            self.single_rows.copy_(packed[p + s:p + 2 * s])
-            self.single_lens.copy_(packed[p + 2 * s:])
+            p = self.max_prompts
+            self.single_q_rows[:s].copy_(packed[p:p + s])
+            self.single_rows[:s].copy_(packed[p + s:p + 2 * s])
+            self.single_lens[:s].copy_(packed[p + 2 * s:])

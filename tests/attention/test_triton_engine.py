@@ -85,13 +85,14 @@ def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
 
 def test_mixed_step_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     """Mixed-step graphs: more sequence slots than prompt slots, so the extend kernel's grid covers the
-    prompt slots (padded with a slot it skips) and the decode kernel every slot. Steps of five
-    sequences with at most two prompt chunks replay the second set's layout, the rest the first set's
-    or eagerly; the torch reference's greedy tokens either way."""
+    prompt slots (padded with a slot it skips) and the decode kernel every slot (16 of the set's 32
+    in the 16-token graph: no more slots than tokens). Steps of five sequences with at most two prompt
+    chunks replay the second set's layout, the rest the first set's or eagerly; the torch
+    reference's greedy tokens either way."""
     kw = dict(max_num_batched_tokens=24, enforce_eager=True)
     ref = _run(make_llm(attention_backend="torch", **kw), staggered=False)
     llm = make_llm(attention_backend="triton", overlap_scheduling=True, **kw)
-    served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=[4, 8], max_prompts=2)
+    served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=[4, 32], max_prompts=2)
     steps = []
     step_graphs_for = llm.engine.runner.step_graphs_for
 
@@ -107,6 +108,7 @@ def test_mixed_step_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     assert all(g is None for b, p, g in steps if b > 4 and p > 2)  # more prompts than slots: eager
     assert {(k, w) for k, _, w in served} >= {(0, False), (1, True)}
     assert all(w for k, _, w in served if k == 1)  # the mixed set has only the variant with 1-token rows
+    assert any(t < 32 for k, t, _ in served if k == 1)  # a graph with fewer slots than the set's 32
 
 
 @pytest.mark.parametrize("fused_gemv", ["off", "on"])
