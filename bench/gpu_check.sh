@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# One prepared GPU run (< 8 min): GPU tests (Triton kernels, CUDA graphs, engine, overlap scheduling), the
+# One prepared GPU run (< 8 min, --budget-s): GPU tests (Triton kernels, CUDA graphs, engine, overlap scheduling), the
 # weight-streaming floor, loopserve's engine (Triton + CUDA graphs, overlap on and off; torch eager as the
 # old path), a profile of where the 8B steps' time goes, saturation throughput, and transformers' eager
 # generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
 # Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself,
 # and the steps run most needed first, so a run cut by the device budget loses the least.
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
+# --budget-s N (default 470): each step's timeout is cut to what is left of N seconds from the start, and
+# a step with under 10 s left is skipped, so the run ends, summary included, within 8 minutes (and the
+# device tool's 600 s a call). The diagnostic profiles run after every row the targets need.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+eager_baseline=1
+budget=470
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-eager-baseline) eager_baseline=0 ;;
+    --budget-s) budget="$2"; shift ;;
+    *) echo "usage: $0 [--no-eager-baseline] [--budget-s N]" >&2; exit 2 ;;
+  esac
+  shift
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-.}/gpu.jsonl"
 : > "$out"
@@ -15,17 +28,24 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 B8=bench/configs/llama-3.1-8b.json
 B135=bench/configs/smollm2-135m.json
-g() { timeout "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
+# step TIMEOUT CMD...: CMD under its timeout, cut to the budget left (SECONDS: bash's seconds since start).
+step() {
+  local t=$1 left=$((budget - SECONDS))
+  shift
+  if [ "$left" -lt 10 ]; then echo "   skipped: the ${budget} s budget is spent"; return 0; fi
+  timeout $((t < left ? t : left)) "$@"
+}
+g() { step "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
 echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
-timeout 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
+step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
   tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_argmax.py \
   tests/unit/test_step_inputs.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
-  2>&1 | grep -E "passed|failed|Error|error|FAILED" | tail -25
+  2>&1 | grep -E "passed|failed|Error|error|FAILED|skipped: the" | tail -25
 echo "== 8B"
 g 180 engine --config $B8
 g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
@@ -38,18 +58,18 @@ g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20
 g 80 throughput --config $B8 --workload random1000 --seconds 20
-echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
-timeout 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
-timeout 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
-  | tail -1 | cut -c1-300
-echo "== 135M profile: batch-1 decode"
-timeout 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
 echo "== 8B saturation, sharegpt-like, mixed steps eager (the A/B of the mixed-step graphs)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20 --no-mixed-step-graphs
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
-if [ "${1:-}" != "--no-eager-baseline" ]; then
+echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
+step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
+step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
+  | tail -1 | cut -c1-300
+echo "== 135M profile: batch-1 decode"
+step 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
+if [ "$eager_baseline" = 1 ]; then
   echo "== loopserve torch eager (the pre-Triton path)"
   g 80 engine --config $B8 --attention-backend torch --enforce-eager
 fi
