@@ -1,5 +1,6 @@
 """CUDA graphs: DecodeGraphs for pure-decode steps (one graph per batch size of a ladder, replayed
-with padding) and PrefillGraphs for prefill / extend / mixed steps of a few sequences.
+with padding) and PrefillGraphs for steps with prompt tokens (prefill / extend / mixed steps: one set
+for a few sequences, one for up to max_num_seqs decodes beside a few prompt chunks).
 
 A decode step launches a few hundred small kernels; at batch 1 on a GPU their launch cost, not the
 weight reads, would set the step time. Each graph holds the whole forward plus the logits for a
@@ -216,8 +217,8 @@ class PrefillGraphs:
         length into its row, every other slot over one key of its first block (seq len 1) into a
         spare attention-output row T, past the forward's rows;
       * logits rows 0..L-1 select the sampled rows, the rest select row 0 (discarded); every graph of
-        the set writes its logits into one shared buffer (a set of S = 264 slots would otherwise hold
-        135 MB of fp32 logits a graph on a 128k vocabulary).
+        the set writes its logits into one shared buffer (a set of 256 slots would otherwise hold
+        131 MB of fp32 logits a graph on a 128k vocabulary).
     Triton's kernels read all lengths on the device, so a replay sees the step's real sizes.
     """
 
