@@ -87,6 +87,19 @@ def floor(cfg, batch: int) -> dict:
             "achieved_gb_s": nbytes / 1e9 / (ms / 1e3), "tok_s": batch * 1e3 / ms}
 
 
+# Every engine row's scheduler: one step may prefill a whole 8k prompt (the cold TTFT row).
+BENCH_SCHEDULER = dict(max_num_batched_tokens=8192, long_prefill_token_threshold=8192)
+SATURATION_SEQS = 256
+
+
+def workload_lengths(workload: str, rng) -> tuple[int, int]:
+    """(prompt, output) tokens of one request: ShareGPT-like synthetic lengths (prompts uniform
+    64-1024, outputs uniform 64-512), or random 1000/1000."""
+    if workload == "sharegpt":
+        return rng.randint(64, 1024), rng.randint(64, 512)
+    return 1000, 1000
+
+
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
           kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True,
           mixed_graphs: bool = True):
@@ -95,8 +108,7 @@ def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num
     return EngineCore(EngineConfig(model=str(config_dir), load_format="dummy", dtype="bf16", device=device,
                                    max_model_len=min(cfg.max_position_embeddings, 16384),
                                    cache=CacheConfig(kv_cache_bytes=kv_cache_bytes),
-                                   scheduler=SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=max_num_seqs,
-                                                             long_prefill_token_threshold=8192),
+                                   scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **BENCH_SCHEDULER),
                                    attention_backend=backend, enforce_eager=eager, overlap_scheduling=overlap,
                                    fused_decode_gemv=fused_gemv, programmatic_dependent_launch=pdl,
                                    mixed_step_graphs=mixed_graphs))
@@ -187,14 +199,12 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
-    core = _core(config_dir, cfg, device, backend, eager, 256, None, overlap, mixed_graphs=mixed_graphs)
+    core = _core(config_dir, cfg, device, backend, eager, SATURATION_SEQS, None, overlap, mixed_graphs=mixed_graphs)
     rng = random.Random(0)
     vocab = cfg.vocab_size
 
     def lengths() -> tuple[int, int]:
-        if workload == "sharegpt":  # ShareGPT-like synthetic lengths
-            return rng.randint(64, 1024), rng.randint(64, 512)
-        return 1000, 1000
+        return workload_lengths(workload, rng)
 
     def add(i: int) -> None:
         p, o = lengths()

@@ -305,6 +305,13 @@ class StepGraphSpec:
     max_seqs: int
     max_prompts: int
 
+    def holds(self, num_tokens: int, num_seqs: int, num_prompts: int, with_single: bool) -> bool:
+        """Whether a step of this shape fits one of the set's graphs. A set with fewer prompt slots
+        than sequence slots has only the variant with 1-token rows (a step of more sequences than
+        prompt slots has some)."""
+        return (num_tokens <= self.token_sizes[-1] and num_seqs <= self.max_seqs and num_prompts <= self.max_prompts
+                and (with_single or self.max_prompts == self.max_seqs))
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_WAITING_REQUESTS = 256

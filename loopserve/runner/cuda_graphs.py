@@ -20,6 +20,7 @@ import logging
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
+from loopserve.config import StepGraphSpec
 from loopserve.runner.argmax import greedy_argmax
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.step_inputs import StepInputs, pack_decode_inputs, unpack_decode_inputs
@@ -234,6 +235,7 @@ class PrefillGraphs:
         self.max_tokens = self.sizes[-1]
         self.max_seqs = max_seqs
         self.max_prompts = max_seqs if max_prompts is None else min(max_prompts, max_seqs)
+        self.spec = StepGraphSpec(tuple(self.sizes), max_seqs, self.max_prompts)
         self.variants = (True, False) if self.max_prompts == max_seqs else (True,)
         self.scratch_slot = scratch_block * kv_caches[0].block_size
         t, s = self.max_tokens, max_seqs
@@ -289,9 +291,8 @@ class PrefillGraphs:
 
     def fits(self, num_tokens: int, num_seqs: int, num_prompts: int, num_logits: int, max_blocks: int,
              with_single: bool) -> bool:
-        return (num_tokens <= self.max_tokens and num_seqs <= self.max_seqs and num_prompts <= self.max_prompts
-                and num_logits <= self.max_seqs and max_blocks <= self.block_tables.shape[1]
-                and with_single in self.variants)
+        return (self.spec.holds(num_tokens, num_seqs, num_prompts, with_single) and num_logits <= self.max_seqs
+                and max_blocks <= self.block_tables.shape[1])
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -149,3 +149,17 @@ def test_gpu_summary_judges_the_targets(tmp_path, capsys):
     # The summary line of the run's first engine row; a second summary run reads past the targets row.
     assert "llama-3.1-8b.json engine backend=triton fused_decode_gemv=auto" in printed
     gpu_summary.main([str(out)])
+
+
+def test_step_mix_counts_the_steps_graph_sets_could_serve(tmp_path):
+    """The saturation schedule with the forward skipped: every step with prompt tokens is counted
+    once, under the first graph set that holds it or as eager."""
+    from bench import step_mix
+
+    out = tmp_path / "mix.json"
+    step_mix.main(["--workload", "sharegpt", "--steps", "90", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["steps"] == 60 and row["mean_seqs_per_step"] > 8
+    assert sum(row["prompt_steps_by_graph_set"].values()) + row["prompt_steps_eager"] == row["prompt_steps"] > 0
+    assert sum(row["prompts_per_prompt_step"].values()) == row["prompt_steps"]
+    assert [s["max_seqs"] for s in row["graph_sets"]] == [8, 256]
