@@ -58,8 +58,9 @@ g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20
 g 80 throughput --config $B8 --workload random1000 --seconds 20
-echo "== 8B saturation, sharegpt-like, mixed steps eager (the A/B of the mixed-step graphs)"
-g 80 throughput --config $B8 --workload sharegpt --seconds 20 --no-mixed-step-graphs
+echo "== 8B sharegpt-like at 32 sequences, with and without mixed-step graphs (their A/B, where launches may set the pace)"
+g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12
+g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12 --no-mixed-step-graphs
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32

@@ -190,7 +190,8 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
-               eager: bool, overlap: bool | None = None, warmup_s: float = 5.0, mixed_graphs: bool = True) -> dict:
+               eager: bool, overlap: bool | None = None, warmup_s: float = 5.0, mixed_graphs: bool = True,
+               max_num_seqs: int = SATURATION_SEQS) -> dict:
     """Saturation: more requests than fit are queued at once, and each one that finishes is replaced;
     output tokens per second over `seconds` of stepping after a warm-up (`output_tok_s`), and over
     the warm-up and that together (`output_tok_s_from_start`), as many requests as the time allows."""
@@ -199,7 +200,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
-    core = _core(config_dir, cfg, device, backend, eager, SATURATION_SEQS, None, overlap, mixed_graphs=mixed_graphs)
+    core = _core(config_dir, cfg, device, backend, eager, max_num_seqs, None, overlap, mixed_graphs=mixed_graphs)
     rng = random.Random(0)
     vocab = cfg.vocab_size
 
@@ -220,7 +221,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     while core.has_unfinished():
         core.step()
     n = 0
-    for _ in range(512):
+    for _ in range(2 * max_num_seqs):
         add(n)
         n += 1
     # What the measured steps were: pure decode (a decode graph), steps with prompt tokens that fit a
@@ -296,7 +297,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     SampledBatch.tokens = read_back
     mixed = [t for _, t, prompt in steps if prompt]
     eager = [t for t, graph_set in zip(mixed, graph_sets) if graph_set is None]
-    return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name,
+    return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name, "max_num_seqs": max_num_seqs,
             "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap,
             "mixed_step_graphs": len(core.runner.step_graphs) > 1, "output_tok_s": out_tokens / dt,
             # From the first step, the initial prefill included: where no request finishes within the
@@ -352,6 +353,8 @@ def main(argv=None) -> None:
                     help="engine mode: EngineConfig.programmatic_dependent_launch (default: on)")
     ap.add_argument("--mixed-step-graphs", default=True, action=argparse.BooleanOptionalAction,
                     help="throughput mode: EngineConfig.mixed_step_graphs (default: on)")
+    ap.add_argument("--max-num-seqs", type=int, default=SATURATION_SEQS,
+                    help=f"throughput mode: running sequences, with twice as many queued (default: {SATURATION_SEQS})")
     ap.add_argument("--config", type=Path, required=True, help="an HF config.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -370,7 +373,8 @@ def main(argv=None) -> None:
                      args.pdl)
     elif args.mode == "throughput":
         res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                         args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs)
+                         args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs,
+                         args.max_num_seqs)
     else:
         res = hf(folder, args.prompt_len, args.output_len)
     emit(res, args.config, args.device, args.out)

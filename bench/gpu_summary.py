@@ -16,7 +16,7 @@ from pathlib import Path
 B8, B135 = "llama-3.1-8b.json", "smollm2-135m.json"
 H100_FLOOR_8B_MS = 5.62
 
-ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "ms_per_step", "decode_tok_s",
+ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "max_num_seqs", "ms_per_step", "decode_tok_s",
             "decode_tok_s_no_overlap", "output_tok_s", "output_tok_s_from_start", "achieved_gb_s", "ttft_s", "ttft_first_shape_s",
             "ttft_long_cold_s", "ttft_long_cached_plus_256_s", "startup_s", "fused_gemv_timings", "fused_gemv_sizes",
             "gemv_choices", "extend_tiles", "decode_tiles", "mixed_step_graphs", "host_wait_share", "host_ms_per_step", "steps_per_s",
@@ -66,7 +66,8 @@ def targets(rows: list[dict]) -> list[Target]:
         return None if row is None else row.get(key)
 
     pct = (100 * floor8["ms_per_step"] / engine8["ms_per_step"]) if floor8 and engine8 else None
-    # The first saturation row of each workload is the default engine's (gpu_check runs its A/B rows later).
+    # The first saturation row of each workload is the default engine's at 256 sequences (gpu_check runs
+    # its A/B rows, at 32, later).
     # ShareGPT-like requests finish and are replaced within the window: it is the steady state. Random
     # 1000/1000 ones do not (~23 s of decode each), so the window alone would be decode without any
     # prefill; from the first step, the 256 requests' prefill is in, about one prompt token for each
