@@ -4,7 +4,7 @@ could serve. It says which of a busy server's steps CUDA graphs can take, withou
 
   python -m bench.step_mix --workload sharegpt --steps 1500 --out bench/results/step-mix-sharegpt.json
 
-The engine is bench/gpu_decode.py's saturation engine (same scheduler, 256 sequences, requests
+The engine is bench/gpu_decode.py's saturation engine (same scheduler, 256 sequences by default, requests
 replaced as they finish, the same lengths) over a KV pool of --kv-blocks blocks (default: the 8B
 model's pool on the H200 in the sixth session). Lengths decide the schedule: outputs run to their
 max_tokens, so the skipped forward changes nothing. The first third of the steps (the initial burst
@@ -34,12 +34,12 @@ _TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
          "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "torch_dtype": "float32"}
 
 
-def step_mix(workload: str, num_steps: int, kv_blocks: int) -> dict:
+def step_mix(workload: str, num_steps: int, kv_blocks: int, max_num_seqs: int = SATURATION_SEQS) -> dict:
     folder = Path(tempfile.mkdtemp())
     (folder / "config.json").write_text(json.dumps(_TINY))
     config = EngineConfig(model=str(folder), load_format="dummy", dtype="fp32", device="cpu",
                           max_model_len=_TINY["max_position_embeddings"], cache=CacheConfig(num_blocks=kv_blocks),
-                          scheduler=SchedulerConfig(max_num_seqs=SATURATION_SEQS, **BENCH_SCHEDULER),
+                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, **BENCH_SCHEDULER),
                           overlap_scheduling=False)
     core = EngineCore(config)
 
@@ -70,7 +70,7 @@ def step_mix(workload: str, num_steps: int, kv_blocks: int) -> dict:
                                        SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)))
         added += 1
 
-    for _ in range(2 * SATURATION_SEQS):
+    for _ in range(2 * max_num_seqs):
         add()
     while len(steps) < num_steps:
         for o in core.step():
@@ -81,7 +81,8 @@ def step_mix(workload: str, num_steps: int, kv_blocks: int) -> dict:
     specs = _step_graph_specs(config, config.scheduler)
     served = [next((k for k, spec in enumerate(specs) if spec.holds(t, b, p, b > p)), None)
               for b, t, p in prompt_steps]
-    return {"bench": "step_mix", "workload": workload, "kv_blocks": kv_blocks, "steps": len(steady),
+    return {"bench": "step_mix", "workload": workload, "max_num_seqs": max_num_seqs, "kv_blocks": kv_blocks,
+            "steps": len(steady),
             "mean_seqs_per_step": statistics.fmean(b for b, _, _ in steady),
             "mean_tokens_per_step": statistics.fmean(t for _, t, _ in steady),
             "prompt_steps": len(prompt_steps),
@@ -99,10 +100,11 @@ def main(argv=None) -> None:
     ap.add_argument("--workload", choices=["sharegpt", "random1000"], default="sharegpt")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--kv-blocks", type=int, default=H200_8B_KV_BLOCKS)
+    ap.add_argument("--max-num-seqs", type=int, default=SATURATION_SEQS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    result = step_mix(args.workload, args.steps, args.kv_blocks)
+    result = step_mix(args.workload, args.steps, args.kv_blocks, args.max_num_seqs)
     print(json.dumps(result), flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
