@@ -100,6 +100,22 @@ def workload_lengths(workload: str, rng) -> tuple[int, int]:
     return 1000, 1000
 
 
+def record_steps(core) -> list[tuple[int, int, int]]:
+    """A list the engine's scheduler fills with each step it makes: (sequences, tokens, prompts, i.e.
+    sequences with more than one new token). Recorded around the scheduler; the engine is untouched."""
+    steps: list[tuple[int, int, int]] = []
+    schedule = core.scheduler.schedule
+
+    def recorded_schedule():
+        out = schedule()
+        if out.seqs:
+            steps.append((len(out.seqs), out.num_batched_tokens, sum(q.num_new_tokens > 1 for q in out.seqs)))
+        return out
+
+    core.scheduler.schedule = recorded_schedule
+    return steps
+
+
 def _core(config_dir: Path, cfg, device: str, backend: str, eager: bool, max_num_seqs: int,
           kv_cache_bytes: int | None, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True,
           mixed_graphs: bool = True):
@@ -225,17 +241,8 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
         add(n)
         n += 1
     # What the measured steps were: pure decode (a decode graph), steps with prompt tokens that fit a
-    # prefill graph, and the rest (eager). Recorded around the scheduler; the engine is untouched.
-    steps: list[tuple[int, int, bool]] = []  # (sequences, tokens, any prompt tokens)
-    schedule = core.scheduler.schedule
-
-    def recorded_schedule():
-        out = schedule()
-        if out.seqs:
-            steps.append((len(out.seqs), out.num_batched_tokens, any(q.num_new_tokens > 1 for q in out.seqs)))
-        return out
-
-    core.scheduler.schedule = recorded_schedule
+    # prefill graph, and the rest (eager).
+    steps = record_steps(core)
     # Which graph set ran each step with prompt tokens (None: eager), around the runner's choice.
     graph_sets: list[int | None] = []
     choose = core.runner.step_graphs_for

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.gpu_decode import BENCH_SCHEDULER, SATURATION_SEQS, workload_lengths
+from bench.gpu_decode import BENCH_SCHEDULER, SATURATION_SEQS, record_steps, workload_lengths
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.engine.core import EngineCore, EngineRequest, _step_graph_specs
 from loopserve.sampling_params import SamplingParams
@@ -50,16 +50,7 @@ def step_mix(workload: str, num_steps: int, kv_blocks: int, max_num_seqs: int = 
         return torch.zeros(len(sampling), _TINY["vocab_size"]), sampling
 
     core.runner.forward_logits = forward_logits
-    steps: list[tuple[int, int, int]] = []  # (sequences, tokens, prompts: sequences with more than 1 new token)
-    schedule = core.scheduler.schedule
-
-    def recorded_schedule():
-        out = schedule()
-        if out.seqs:
-            steps.append((len(out.seqs), out.num_batched_tokens, sum(q.num_new_tokens > 1 for q in out.seqs)))
-        return out
-
-    core.scheduler.schedule = recorded_schedule
+    steps = record_steps(core)
     rng = random.Random(0)
     added = 0
 
