@@ -86,6 +86,18 @@ def targets(rows: list[dict]) -> list[Target]:
     ]
 
 
+def comparisons(rows: list[dict]) -> list[str]:
+    """The run's A/B pairs, each as 'what: on X, off Y, on / off R'."""
+    pairs = [("8B ShareGPT-like at 32 sequences, mixed-step graphs, output tok/s", "output_tok_s",
+              _first(rows, B8, "throughput_sharegpt", max_num_seqs=32, mixed_step_graphs=True),
+              _first(rows, B8, "throughput_sharegpt", max_num_seqs=32, mixed_step_graphs=False)),
+             ("135M fused-GEMV decode, programmatic dependent launch, tok/s", "decode_tok_s",
+              _first(rows, B135, "engine", fused_decode_gemv="on", pdl=True),
+              _first(rows, B135, "engine", fused_decode_gemv="on", pdl=False))]
+    return [f"A/B  {what}: on {on[key]:.4g}, off {off[key]:.4g}, on / off {on[key] / off[key]:.3f}"
+            for what, key, on, off in pairs if on and off and on.get(key) and off.get(key)]
+
+
 def main(argv: list[str] | None = None) -> None:
     path = Path((argv if argv is not None else sys.argv[1:])[0])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     if floor8:
         print(f"saturation targets scaled by {H100_FLOOR_8B_MS / floor8['ms_per_step']:.3f} "
               f"(H100 floor {H100_FLOOR_8B_MS} ms / this run's {floor8['ms_per_step']:.3f} ms)")
+    for line in comparisons(rows):
+        print(line)
     found = targets(rows)
     for t in found:
         verdict = {True: "MET", False: "missed", None: "no result"}[t.met]

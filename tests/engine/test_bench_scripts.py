@@ -122,6 +122,10 @@ def test_gpu_summary_judges_the_targets(tmp_path, capsys):
         {"mode": "engine", "config": b135, "backend": "triton", "fused_decode_gemv": "auto", "decode_tok_s": 1620.0},
         {"mode": "throughput_sharegpt", "config": b8, "output_tok_s": 9000.0},
         {"mode": "throughput_random1000", "config": b8, "output_tok_s": 14000.0, "output_tok_s_from_start": 12600.0},
+        {"mode": "throughput_sharegpt", "config": b8, "max_num_seqs": 32, "mixed_step_graphs": True,
+         "output_tok_s": 2400.0},
+        {"mode": "throughput_sharegpt", "config": b8, "max_num_seqs": 32, "mixed_step_graphs": False,
+         "output_tok_s": 2000.0},
         {"mode": "profile_decode_b1", "config": b8, "steps": 2, "wall_ms_per_step": 4.3,
          "device_busy_ms_per_step": 4.2, "top_kernels": [{"name": "gemv", "ms": 8.0}]},
     ]
@@ -146,6 +150,7 @@ def test_gpu_summary_judges_the_targets(tmp_path, capsys):
     assert gpu_summary.targets(rows)[2].met is False
     assert "8B batch-1 decode, % of the floor: 92.05 against >= 95: missed" in printed
     assert "8B TTFT, 8k cold, s: 0.228 against <= 0.23: MET" in printed
+    assert "mixed-step graphs, output tok/s: on 2400, off 2000, on / off 1.200" in printed
     # The summary line of the run's first engine row; a second summary run reads past the targets row.
     assert "llama-3.1-8b.json engine backend=triton fused_decode_gemv=auto" in printed
     gpu_summary.main([str(out)])
