@@ -47,6 +47,13 @@ import triton.language as tl
 from loopserve.attention.triton_decode import merge_splits
 from loopserve.device_caps import FEW, MANY, launch_regime, sm_count
 
+# A third regime of the extend kernel's own: few-programs launches of fewer new tokens than this (a
+# short agent turn or a verify pass over a cached context), which pack the GQA group
+# (paged_extend_attention) and so launch up to a group's worth fewer programs than the few-programs
+# regime is timed with.
+SHORT = "short"
+SHORT_MAX_QUERY_LEN = 64
+
 _LOG2E = 1.4426950408889634
 # More splits than this add merge traffic and near-empty programs for little extra parallelism.
 MAX_EXTEND_SPLITS = 8
@@ -261,7 +268,9 @@ _INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1,
 
 
 def candidate_extend_tiles(regime: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> list[ExtendTile]:
-    """The tiles worth timing for a regime: the default first (fp32 on a GPU keeps its one tile)."""
+    """The tiles worth timing for a regime (SHORT: FEW's): the default first (fp32 on a GPU keeps its
+    one tile)."""
+    regime = FEW if regime == SHORT else regime
     tiles = [default_extend_tile(head_dim, dtype, device, regime)]
     if device.type != "cuda":
         extra = _INTERPRETER_EXTEND_CANDIDATES
@@ -371,8 +380,10 @@ def paged_extend_attention(q: torch.Tensor,
     None attends all. The grid covers these P sequences: in a mixed step of 256 decode rows and one
     prompt, listing the prompt alone launches its tiles rather than 257 sequences' worth of programs
     that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk). tiles: regime (FEW /
-    MANY, by live_programs) -> the ExtendTile to launch with (the startup tuner's picks, GQA-packed
-    or not); a regime without one takes default_extend_tile. With fewer new tokens than the tile has
+    MANY by live_programs; SHORT, where given, for FEW launches of fewer than SHORT_MAX_QUERY_LEN new
+    tokens) -> the
+    ExtendTile to launch with (the startup tuner's picks, GQA-packed or not); a launch whose regime has
+    none takes default_extend_tile. With fewer new tokens than the tile has
     rows, the launch packs the GQA group whatever the tile says, where that takes fewer programs,
     each reading the context once for its group's heads instead of once per head.
     """
@@ -400,7 +411,10 @@ def paged_extend_attention(q: torch.Tensor,
     if live_programs is None:
         live_programs = live_programs_of(num_listed, Hq, max_query_len)
     regime = launch_regime(live_programs, q.device)
-    tile = (tiles or {}).get(regime) or default_extend_tile(D, q.dtype, q.device, regime)
+    tiles = tiles or {}
+    short = regime == FEW and max_query_len < SHORT_MAX_QUERY_LEN
+    tile = (tiles.get(SHORT) if short else None) or tiles.get(regime) or default_extend_tile(D, q.dtype, q.device,
+                                                                                              regime)
     group = Hq // Hkv
     if (not tile.pack_gqa and 1 < group <= tile.block_m and max_query_len < tile.block_m
             and triton.cdiv(max_query_len, tile.block_m // group) < group):

@@ -8,7 +8,9 @@ tokens over a cached prefix, and a cold prompt, each up to 8,192 tokens (what th
 context window allow). The blocks it reads are filled with random keys and values first, so the
 candidates' results can be checked against each other (runner/tuning.py); nothing reads a block
 before its sequence has written it, so serving is unaffected. The fastest tile of each regime goes
-to the backend's `extend_tiles`. A candidate's per_sm sets how a launch of few programs splits its
+to the backend's `extend_tiles`. A third shape, 32 new tokens over the context, tunes the short
+launches (triton_extend.SHORT: a turn of a few dozen tokens, packed by GQA group) among the
+few-programs candidates. A candidate's per_sm sets how a launch of few programs splits its
 key ranges (triton_extend.choose_extend_splits), so the timing covers that choice too.
 """
 from __future__ import annotations
@@ -19,15 +21,16 @@ import torch
 import triton
 
 from loopserve.attention.metadata import KVCache
-from loopserve.attention.triton_extend import candidate_extend_tiles, paged_extend_attention
+from loopserve.attention.triton_extend import SHORT, candidate_extend_tiles, paged_extend_attention
 from loopserve.device_caps import FEW, MANY
 from loopserve.runner.tuning import TimeFn, Tuned, chosen, described, fastest, fill_random_blocks_, time_in_graphs
 
 log = logging.getLogger(__name__)
 
-# The longest context a tuning shape takes, and the new tokens of the few-programs shape.
+# The longest context a tuning shape takes, and the new tokens of the few-programs and short shapes.
 TUNING_CONTEXT = 8192
 TUNING_NEW_TOKENS = 256
+TUNING_SHORT_TOKENS = 32
 
 
 @torch.inference_mode()
@@ -44,16 +47,17 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
     fill_random_blocks_((key, value), 0, nblk, gen)
     tables = torch.arange(nblk, dtype=torch.long, device=device).view(1, nblk)  # as the runner passes them
     timings: dict[str, Tuned] = {}
-    for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context)):
+    for regime, new in ((FEW, min(TUNING_NEW_TOKENS, context // 2)), (MANY, context),
+                        (SHORT, min(TUNING_SHORT_TOKENS, context // 2))):
         qsl = torch.tensor([0, new], dtype=torch.int32, device=device)
         lens = torch.tensor([context], dtype=torch.int32, device=device)
         q = torch.randn(new, num_q_heads, head_dim, generator=gen, device=device, dtype=key.dtype)
         out = torch.empty_like(q)
 
         def attend(tile, q=q, out=out, tables=tables, qsl=qsl, lens=lens, new=new) -> torch.Tensor:
-            # The tile for either regime: a small model's shapes may not land in the one they stand for.
+            # The tile for any regime: a small model's shapes may not land in the one they stand for.
             return paged_extend_attention(q, key, value, tables, qsl, lens, new, head_dim ** -0.5, out=out,
-                                          tiles={FEW: tile, MANY: tile})
+                                          tiles={FEW: tile, MANY: tile, SHORT: tile})
 
         tuned = fastest(candidate_extend_tiles(regime, head_dim, key.dtype, device), attend, time_fn,
                         f"extend tile, {regime} programs ({new} new of {context})")

@@ -88,16 +88,18 @@ CHILD = textwrap.dedent('''
                            SKIP_SINGLE=True, SPLIT=split, PACK_GQA=pack, TOKENS=16 if pack else 64,
                            HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
-    # Every tile the startup tuner may pick (runner/extend_tuning.py), unsplit, as an 8B model launches it.
+    # Every tile the startup tuner may pick (runner/extend_tuning.py), unsplit, as an 8B model launches it;
+    # the few-programs ones also packed by GQA group and split, as short launches take them.
     for regime, tiles in te._GPU_EXTEND_CANDIDATES.items():
         for tile in tiles:
-            build(f"extend-tuned-{regime}-{tile}", te._extend_kernel,
-                  {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
-                   "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
-                  dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                       DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=False, PACK_GQA=tile.pack_gqa,
-                       TOKENS=tile.block_m // 4 if tile.pack_gqa else tile.block_m, HAS_SEQ_IDS=False),
-                  floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages)
+            for packed in ((False, True) if regime == te.FEW else (False,)):
+                build(f"extend-tuned-{regime}-{tile}" + ("-packed-split" if packed else ""), te._extend_kernel,
+                      {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
+                       "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
+                      dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                           DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=packed, PACK_GQA=packed,
+                           TOKENS=tile.block_m // 4 if packed else tile.block_m, HAS_SEQ_IDS=False),
+                      floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages)
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):
         build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,
