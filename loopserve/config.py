@@ -287,11 +287,11 @@ DEFAULT_PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 
 DEFAULT_PREFILL_GRAPH_MAX_SEQS = 8
 # Mixed-step graphs (EngineConfig.mixed_step_graphs): slots for max_num_seqs sequences, at most
 # DEFAULT_MIXED_GRAPH_MAX_PROMPTS of them prompts. A busy server's step is hundreds of decodes beside a
-# prompt chunk or two (~0.8 new prompts a step in the H200's ShareGPT-like saturation run); the extend
+# prompt chunk or two (~0.9 new prompts a step in ShareGPT-like saturation: bench/step_mix.py); the extend
 # kernel's grid covers every prompt slot, and a slot without a prompt costs a layer ~Hq x T / 64
 # programs that exit at once. Its GEMMs are compute-bound, so every padding token costs what a real one does,
-# and past 256 tokens the ladder steps by 64 (mean padding ~32 tokens, ~4 % of a step of 256 decodes
-# and a 500-token chunk; each graph adds ~0.1 s of capture at startup on an 8B model).
+# and past 256 tokens the ladder steps by 64 (mean padding ~32 tokens, ~3 % of such a step's ~1,070;
+# each graph adds ~0.1 s of capture at startup on an 8B model).
 DEFAULT_MIXED_GRAPH_MAX_PROMPTS = 4
 DEFAULT_MIXED_GRAPH_TOKENS = tuple(sorted({*DEFAULT_PREFILL_GRAPH_TOKENS, *range(256, 2049, 64)}))
 
