@@ -3,6 +3,7 @@
 # weight-streaming floor, loopserve's engine (Triton + CUDA graphs, overlap on and off; torch eager as the
 # old path), a profile of where the 8B steps' time goes, saturation throughput, and transformers' eager
 # generate as the naive baseline, on dummy Llama-3.1-8B and SmolLM2-135M shapes.
+# Run scripts/gpu_wheels.sh first (here, with network) and carry .whl: the GPU machine has no xgrammar.
 # Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself,
 # and the steps run most needed first, so a run cut by the device budget loses the least.
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
@@ -22,6 +23,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Wheels the GPU machine lacks, carried in .whl (scripts/gpu_wheels.sh), go into a scratch site folder.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$site:$PYTHONPATH"
+fi
 out="${OUT:-.}/gpu.jsonl"
 : > "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
