@@ -67,14 +67,17 @@ def targets(rows: list[dict]) -> list[Target]:
         return None if row is None else row.get(key)
 
     pct = (100 * floor8["ms_per_step"] / engine8["ms_per_step"]) if floor8 and engine8 else None
-    # The first saturation row of each workload is the default engine's at 256 sequences (gpu_check runs
-    # its A/B rows, at 32, later).
+    def saturation(workload: str) -> dict | None:
+        """The default engine's row at 256 sequences (rows without max_num_seqs predate the A/B rows at 32)."""
+        return next((r for r in rows if r.get("config") == B8 and r["mode"] == f"throughput_{workload}"
+                     and r.get("max_num_seqs", 256) == 256), None)
+
     # ShareGPT-like requests finish and are replaced within the window: it is the steady state. Random
     # 1000/1000 ones do not (~23 s of decode each), so the window alone would be decode without any
     # prefill; from the first step, the 256 requests' prefill is in, about one prompt token for each
     # output token, as in the steady state.
-    sharegpt = get(_first(rows, B8, "throughput_sharegpt"), "output_tok_s")
-    row1000 = _first(rows, B8, "throughput_random1000")
+    sharegpt = get(saturation("sharegpt"), "output_tok_s")
+    row1000 = saturation("random1000")
     random1000 = get(row1000, "output_tok_s_from_start") or get(row1000, "output_tok_s")
     return [
         Target("8B batch-1 decode, % of the floor", pct, 95.0, True),

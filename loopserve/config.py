@@ -305,12 +305,16 @@ class StepGraphSpec:
     max_seqs: int
     max_prompts: int
 
+    @property
+    def variants(self) -> tuple[bool, ...]:
+        """With 1-token rows, and without: a set with fewer prompt slots than sequence slots has only
+        the first (a step of more sequences than prompt slots has some)."""
+        return (True, False) if self.max_prompts == self.max_seqs else (True,)
+
     def holds(self, num_tokens: int, num_seqs: int, num_prompts: int, with_single: bool) -> bool:
-        """Whether a step of this shape fits one of the set's graphs. A set with fewer prompt slots
-        than sequence slots has only the variant with 1-token rows (a step of more sequences than
-        prompt slots has some)."""
+        """Whether a step of this shape fits one of the set's graphs."""
         return (num_tokens <= self.token_sizes[-1] and num_seqs <= self.max_seqs and num_prompts <= self.max_prompts
-                and (with_single or self.max_prompts == self.max_seqs))
+                and with_single in self.variants)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

@@ -137,6 +137,7 @@ def with_prefill_graphs():
     def attach(llm, sizes: list[int], max_seqs: int | list[int], max_prompts: int | None = None
                ) -> list[tuple[int, int, bool]]:
         from loopserve.attention.metadata import KVCache
+        from loopserve.config import StepGraphSpec
         from loopserve.runner.cuda_graphs import PrefillGraphs
 
         runner = llm.engine.runner
@@ -148,9 +149,10 @@ def with_prefill_graphs():
         served = []
         runner.step_graphs = []
         for k, s in enumerate(slots):
-            graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend, sizes, s, max_blocks,
-                                   scratch_block=scratch, device=runner.device,
-                                   max_prompts=max_prompts if k == len(slots) - 1 else None)
+            prompts = max_prompts if k == len(slots) - 1 and max_prompts is not None else s
+            graphs = PrefillGraphs(runner.model, runner.kv_caches, runner.backend,
+                                   StepGraphSpec(tuple(sizes), s, prompts), max_blocks,
+                                   scratch_block=scratch, device=runner.device)
 
             def forward(t, with_single, k=k, orig=graphs.forward):
                 served.append((k, t, with_single))

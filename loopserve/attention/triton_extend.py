@@ -381,11 +381,10 @@ def paged_extend_attention(q: torch.Tensor,
     prompt, listing the prompt alone launches its tiles rather than 257 sequences' worth of programs
     that exit at once (~131k a layer on the 8B shape at a 1,024-token chunk). tiles: regime (FEW /
     MANY by live_programs; SHORT, where given, for FEW launches of fewer than SHORT_MAX_QUERY_LEN new
-    tokens) -> the
-    ExtendTile to launch with (the startup tuner's picks, GQA-packed or not); a launch whose regime has
-    none takes default_extend_tile. With fewer new tokens than the tile has
-    rows, the launch packs the GQA group whatever the tile says, where that takes fewer programs,
-    each reading the context once for its group's heads instead of once per head.
+    tokens) -> the ExtendTile to launch with (the startup tuner's picks, GQA-packed or not); a launch
+    whose regime has none takes default_extend_tile. With fewer new tokens than the tile has rows,
+    the launch packs the GQA group whatever the tile says, where that takes fewer programs, each
+    reading the context once for its group's heads instead of once per head.
     """
     assert q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == k_cache.shape, "bad shapes"
     T, Hq, D = q.shape
@@ -413,8 +412,8 @@ def paged_extend_attention(q: torch.Tensor,
     regime = launch_regime(live_programs, q.device)
     tiles = tiles or {}
     short = regime == FEW and max_query_len < SHORT_MAX_QUERY_LEN
-    tile = (tiles.get(SHORT) if short else None) or tiles.get(regime) or default_extend_tile(D, q.dtype, q.device,
-                                                                                              regime)
+    tile = ((tiles.get(SHORT) if short else None) or tiles.get(regime)
+            or default_extend_tile(D, q.dtype, q.device, regime))
     group = Hq // Hkv
     if (not tile.pack_gqa and 1 < group <= tile.block_m and max_query_len < tile.block_m
             and triton.cdiv(max_query_len, tile.block_m // group) < group):

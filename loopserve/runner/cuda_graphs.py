@@ -223,22 +223,15 @@ class PrefillGraphs:
     Triton's kernels read all lengths on the device, so a replay sees the step's real sizes.
     """
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], backend, token_sizes: list[int],
-                 max_seqs: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device,
-                 max_prompts: int | None = None) -> None:
-        """max_prompts: prompt slots (None: every slot). With fewer than max_seqs, only the variant with
-        1-token rows is captured: a step of more sequences than prompt slots has some."""
+    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], backend, spec: StepGraphSpec,
+                 max_blocks_per_seq: int, scratch_block: int, device: torch.device) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
-        self.sizes = sorted(set(token_sizes))
-        self.max_tokens = self.sizes[-1]
-        self.max_seqs = max_seqs
-        self.max_prompts = max_seqs if max_prompts is None else min(max_prompts, max_seqs)
-        self.spec = StepGraphSpec(tuple(self.sizes), max_seqs, self.max_prompts)
-        self.variants = (True, False) if self.max_prompts == max_seqs else (True,)
+        self.spec = spec
+        self.sizes = sorted(set(spec.token_sizes))
         self.scratch_slot = scratch_block * kv_caches[0].block_size
-        t, s = self.max_tokens, max_seqs
+        t, s = self.sizes[-1], spec.max_seqs
         self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
         self.positions = torch.zeros(t, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((t,), self.scratch_slot, dtype=torch.long, device=device)
@@ -252,6 +245,14 @@ class PrefillGraphs:
         self.single_lens = torch.ones(s, dtype=torch.int32, device=device)
         self.logits = torch.zeros(s, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+
+    @property
+    def max_seqs(self) -> int:
+        return self.spec.max_seqs
+
+    @property
+    def max_prompts(self) -> int:
+        return self.spec.max_prompts
 
     def slots(self, t: int) -> int:
         """The sequence slots of the graph for t tokens: a step has no more sequences, nor sampled
@@ -285,7 +286,7 @@ class PrefillGraphs:
         step graphs are never replayed at once, and their logits live outside it); returns it."""
         captured: dict = {}
         pool = _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
-                                       for t in reversed(self.sizes) for single in self.variants], pool)
+                                       for t in reversed(self.sizes) for single in self.spec.variants], pool)
         self.graphs = {key: graph for key, (graph, _) in captured.items()}
         return pool
 

@@ -144,9 +144,8 @@ class ModelRunner:
                 self.graphs = decode_graphs()
             pool = None  # one memory pool for every set of step graphs
             for spec in step_graphs or []:
-                graphs = PrefillGraphs(model, self.kv_caches, self.backend, list(spec.token_sizes), spec.max_seqs,
-                                       max_blocks, scratch_block=num_blocks, device=device,
-                                       max_prompts=spec.max_prompts)
+                graphs = PrefillGraphs(model, self.kv_caches, self.backend, spec, max_blocks,
+                                       scratch_block=num_blocks, device=device)
                 try:
                     pool = graphs.capture(pool)
                 except RuntimeError as e:  # the decode graphs stand; these steps run eagerly
