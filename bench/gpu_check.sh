@@ -48,7 +48,7 @@ echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
 step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
   tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_argmax.py \
-  tests/unit/test_step_inputs.py \
+  tests/unit/test_step_inputs.py tests/unit/test_tuning.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \

@@ -70,7 +70,7 @@ def tune_decode_tiles(backend, cache: KVCache, num_q_heads: int, max_batch: int,
                                           pdl=backend.pdl, tiles={FEW: tile, MANY: tile})
 
         tuned = fastest(candidate_decode_tiles(regime, key.dtype, device), attend, time_fn,
-                        f"decode tile, {regime} programs ({batch} x {context} tokens, {splits} splits)")
+                        f"decode tile, {regime} programs ({batch} x {context} tokens, {splits} splits)", device)
         if tuned is not None:
             timings[regime] = tuned
     backend.decode_tiles = chosen(timings)

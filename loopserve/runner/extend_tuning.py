@@ -60,7 +60,7 @@ def tune_extend_tiles(backend, cache: KVCache, num_q_heads: int, max_model_len: 
                                           tiles={FEW: tile, MANY: tile, SHORT: tile})
 
         tuned = fastest(candidate_extend_tiles(regime, head_dim, key.dtype, device), attend, time_fn,
-                        f"extend tile, {regime} programs ({new} new of {context})")
+                        f"extend tile, {regime} programs ({new} new of {context})", device)
         if tuned is not None:
             timings[regime] = tuned
     backend.extend_tiles = chosen(timings)

@@ -40,7 +40,8 @@ def tune_gemv_choices(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) 
                 y = gemv_by(choice, x, lin.weight, lin.bias, residual=residual, pdl=model.use_pdl, **pro)
             return y
 
-        tuned = fastest([*candidate_tiles(n, weight.device), CUBLAS], chain, time_fn, f"GEMV {role} ({n} x {k})")
+        tuned = fastest([*candidate_tiles(n, weight.device), CUBLAS], chain, time_fn, f"GEMV {role} ({n} x {k})",
+                        weight.device)
         if tuned is not None:  # else the fused decode graphs fail to capture, and cuBLAS is kept
             timings[role] = tuned
     model.gemv_choices = chosen(timings)

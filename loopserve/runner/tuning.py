@@ -8,9 +8,12 @@ in a CUDA graph, replayed in alternating rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,14 +68,53 @@ def fill_random_blocks_(pools: Sequence[torch.Tensor], start: int, end: int, gen
             pool[first:last].copy_(torch.randn(pool[first:last].shape, generator=gen, device=pool.device))
 
 
-def fastest(candidates: Sequence, run: Callable[[object], torch.Tensor], time_fn: TimeFn, what: str) -> Tuned | None:
+def run_ahead(candidates: Sequence, run: Callable[[object], object], thread_context: Callable[[], object],
+              workers: int) -> None:
+    """Each candidate run once on `workers` threads (each inside `thread_context()`), its result and
+    any error dropped. A tuner's first run of a candidate is nearly all Triton compile, which spends
+    most of its time outside the GIL (MLIR and LLVM passes, ptxas), so on a many-core host these
+    overlap; the checked runs that follow find the kernels compiled."""
+    def one(candidate) -> None:
+        with thread_context():
+            try:
+                run(candidate)
+            except Exception:  # noqa: BLE001 - the checked run meets the same error and reports it
+                pass
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, candidates))
+
+
+def _compile_ahead_on_gpu(candidates: Sequence, run: Callable[[object], object], device: torch.device) -> None:
+    """run_ahead on the host's cores, every launch on this thread's device and stream, in inference mode
+    as the tuners run (an in-place op on an inference tensor needs it). Then waits for the device: the
+    candidates may share output buffers with the checked runs."""
+    workers = min(len(candidates), len(os.sched_getaffinity(0)))
+    if workers < 2:
+        return
+    stream = torch.cuda.current_stream(device)
+
+    @contextlib.contextmanager
+    def on_this_stream():
+        with torch.cuda.device(device), torch.cuda.stream(stream), torch.inference_mode():
+            yield
+
+    run_ahead(candidates, run, on_this_stream, workers)
+    torch.cuda.synchronize(device)
+
+
+def fastest(candidates: Sequence, run: Callable[[object], torch.Tensor], time_fn: TimeFn, what: str,
+            device: torch.device | None = None) -> Tuned | None:
     """Run each candidate once (compiling it), time those that ran and agree with the first one
     (`agrees`), and return the fastest; None when none ran. A candidate the compiler rejects (out of
     registers or shared memory, say) or whose result differs is left out, so a tile the card
-    miscompiles cannot be picked for being fast."""
+    miscompiles cannot be picked for being fast. On a CUDA `device`, once the first candidate has run
+    (its kernels' JIT state set up on this thread), the others compile side by side (run_ahead)."""
     runnable = []
     ref = None
-    for candidate in candidates:
+    for i, candidate in enumerate(candidates):
+        if i == 1 and device is not None and device.type == "cuda":
+            _compile_ahead_on_gpu(candidates[1:], run, device)
         try:
             out = run(candidate)
         except Exception as e:  # noqa: BLE001 - whatever the compiler raises, the candidate is out
