@@ -72,19 +72,31 @@ def time_graph(fn, iters: int = 50) -> float:
     return statistics.median(times)
 
 
+# Tokens a step for the model's own GEMM rate: about a saturation step's, and a long prefill's.
+GEMM_RATE_TOKENS = (1024, 4096)
+
+
 def floor(cfg, batch: int) -> dict:
+    """Every matmul weight read once through cuBLAS in one CUDA graph at `batch` rows (the decode
+    floor), and the same matmuls at GEMM_RATE_TOKENS rows: the compute rate the saturation ceilings
+    use (bench/gpu_summary.py)."""
     dtype = torch.bfloat16
     weights = [torch.randn(o, i, device="cuda", dtype=dtype) * 0.02 for o, i in linear_shapes(cfg)]
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    x_in = {i: torch.randn(batch, i, device="cuda", dtype=dtype) for _, i in linear_shapes(cfg)}
 
-    def step():
-        for w in weights:
-            torch.matmul(x_in[w.shape[1]], w.t())
+    def matmuls(rows: int):
+        x_in = {i: torch.randn(rows, i, device="cuda", dtype=dtype) for _, i in linear_shapes(cfg)}
 
-    ms = time_graph(step)
+        def step():
+            for w in weights:
+                torch.matmul(x_in[w.shape[1]], w.t())
+        return step
+
+    ms = time_graph(matmuls(batch))
+    flops = 2 * sum(o * i for o, i in linear_shapes(cfg))  # a token's
+    gemm_tflops = {str(m): flops * m / (time_graph(matmuls(m), iters=10) / 1e3) / 1e12 for m in GEMM_RATE_TOKENS}
     return {"mode": "floor", "batch": batch, "ms_per_step": ms, "weight_gb": nbytes / 1e9,
-            "achieved_gb_s": nbytes / 1e9 / (ms / 1e3), "tok_s": batch * 1e3 / ms}
+            "achieved_gb_s": nbytes / 1e9 / (ms / 1e3), "tok_s": batch * 1e3 / ms, "gemm_tflops": gemm_tflops}
 
 
 # Every engine row's scheduler: one step may prefill a whole 8k prompt (the cold TTFT row).
@@ -92,12 +104,15 @@ BENCH_SCHEDULER = dict(max_num_batched_tokens=8192, long_prefill_token_threshold
 SATURATION_SEQS = 256
 
 
+# workload -> ((least, most) prompt tokens, (least, most) output tokens), each uniform (issue 5):
+# ShareGPT-like synthetic lengths, and random 1000-in / 1000-out.
+WORKLOADS = {"sharegpt": ((64, 1024), (64, 512)), "random1000": ((1000, 1000), (1000, 1000))}
+
+
 def workload_lengths(workload: str, rng) -> tuple[int, int]:
-    """(prompt, output) tokens of one request: ShareGPT-like synthetic lengths (prompts uniform
-    64-1024, outputs uniform 64-512), or random 1000/1000."""
-    if workload == "sharegpt":
-        return rng.randint(64, 1024), rng.randint(64, 512)
-    return 1000, 1000
+    """(prompt, output) tokens of one request of `workload` (WORKLOADS)."""
+    (p_lo, p_hi), (o_lo, o_hi) = WORKLOADS[workload]
+    return rng.randint(p_lo, p_hi), rng.randint(o_lo, o_hi)
 
 
 def record_steps(core) -> list[tuple[int, int, int]]:
@@ -347,7 +362,7 @@ def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["floor", "engine", "hf", "throughput"])
-    ap.add_argument("--workload", choices=["sharegpt", "random1000"], default="sharegpt")
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="sharegpt")
     ap.add_argument("--seconds", type=float, default=30.0, help="throughput: measured stepping time")
     ap.add_argument("--warmup", type=float, default=5.0, help="throughput: stepping time before the measurement")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])

@@ -4,6 +4,10 @@ The targets are set for an H100. On another card the saturation targets scale by
 bandwidth ratio: the H100's 8B floor (5.62 ms a step, every weight read once) over this run's floor.
 Every ratio comes from the same run.
 
+Each saturation workload also gets its bf16 ceiling at this run's own rates (`ceilings`): the floor's
+bandwidth for the KV reads, the floor row's best GEMM rate for the matmuls. It says what share of the
+achievable a result is, and whether a target lies past it.
+
   python -m bench.gpu_summary gpu.jsonl
 """
 from __future__ import annotations
@@ -13,7 +17,11 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.gpu_decode import WORKLOADS, linear_shapes
+from loopserve.model.hf_config import model_config_from_hf
+
 B8, B135 = "llama-3.1-8b.json", "smollm2-135m.json"
+CONFIGS = Path(__file__).parent / "configs"
 H100_FLOOR_8B_MS = 5.62
 
 ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "batch", "max_num_seqs", "ms_per_step",
@@ -21,7 +29,7 @@ ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "ba
             "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s", "ttft_long_cached_plus_256_s", "startup_s",
             "fused_gemv_timings", "fused_gemv_sizes", "gemv_choices", "extend_tiles", "decode_tiles",
             "mixed_step_graphs", "host_wait_share", "host_ms_per_step", "steps_per_s", "mean_seqs_per_step",
-            "mean_tokens_per_step", "decode_steps", "prompt_steps_graphed", "prompt_steps_eager",
+            "mean_tokens_per_step", "decode_steps", "prompt_steps_graphed", "prompt_steps_eager", "gemm_tflops",
             "mean_tokens_eager_prompt_step")
 
 
@@ -90,6 +98,72 @@ def targets(rows: list[dict]) -> list[Target]:
     ]
 
 
+@dataclass
+class Ceiling:
+    """Output tok/s a saturation workload cannot pass in bf16 at the run's own rates, every GEMM at the
+    best measured rate and every KV read at the floor's bandwidth: with the two one after the other, as
+    a step's kernels run, and with them fully overlapped (what no kernel schedule here attempts)."""
+    workload: str
+    sequential: float
+    overlapped: float
+    tflops: float
+    tb_s: float
+
+
+def _uniform_moments(lo: int, hi: int) -> tuple[float, float]:
+    """E[x] and E[x^2] of an integer uniform on lo..hi."""
+    mean = (lo + hi) / 2
+    return mean, mean * mean + ((hi - lo + 1) ** 2 - 1) / 12
+
+
+def ceiling(workload: str, cfg, tflops: float, gb_s: float) -> Ceiling:
+    """The ceilings of `workload` (bench.gpu_decode.WORKLOADS) for model `cfg`, in the steady state, per
+    output token: its decode token's GEMMs (lm_head included) and KV reads over its context, and its
+    share of prompt tokens (prompt / output tokens), each with its GEMMs (no lm_head: only a prompt's
+    last row is sampled) and causal attention over the prompt so far. Decode attention's FLOPs ride
+    on its reads."""
+    (p_lo, p_hi), (o_lo, o_hi) = WORKLOADS[workload]
+    p1, p2 = _uniform_moments(p_lo, p_hi)
+    o1, o2 = _uniform_moments(o_lo, o_hi)
+    prompt_per_output = p1 / o1
+    decode_context = p1 + o2 / (2 * o1)  # keys an output token reads, over all of them
+    prompt_context = p2 / (2 * p1)       # keys a prompt token attends, over all of them
+    linear = sum(o * i for o, i in linear_shapes(cfg))
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    attention_flops = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_context
+    flops = 2 * linear + prompt_per_output * (2 * (linear - lm_head) + attention_flops)
+    kv_bytes = decode_context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    compute_s, memory_s = flops / (tflops * 1e12), kv_bytes / (gb_s * 1e9)
+    return Ceiling(workload, 1 / (compute_s + memory_s), 1 / max(compute_s, memory_s), tflops, gb_s / 1e3)
+
+
+def ceilings(rows: list[dict]) -> list[Ceiling]:
+    """Both saturation workloads' ceilings on the 8B shape, from the run's 8B floor row (none without
+    its GEMM rates)."""
+    floor8 = _first(rows, B8, "floor")
+    if not floor8 or not floor8.get("gemm_tflops"):
+        return []
+    cfg = model_config_from_hf(json.loads((CONFIGS / B8).read_text()))
+    return [ceiling(w, cfg, max(floor8["gemm_tflops"].values()), floor8["achieved_gb_s"]) for w in WORKLOADS]
+
+
+def ceiling_lines(rows: list[dict], found: list[Target]) -> list[str]:
+    """Each saturation ceiling beside its target and result, as shares of each."""
+    by_workload = {"sharegpt": found[1], "random1000": found[2]}
+    lines = []
+    for c in ceilings(rows):
+        t = by_workload[c.workload]
+        shares = [f"target {t.target:.4g} is {100 * t.target / c.sequential:.0f} % / "
+                  f"{100 * t.target / c.overlapped:.0f} % of them"]
+        if t.value is not None:
+            shares.append(f"result {t.value:.4g} is {100 * t.value / c.sequential:.0f} % / "
+                          f"{100 * t.value / c.overlapped:.0f} %")
+        lines.append(f"ceiling  8B {c.workload}, bf16 at {c.tflops:.0f} TFLOP/s and {c.tb_s:.2f} TB/s: "
+                     f"{c.sequential:.4g} output tok/s with GEMMs and KV reads in turn, {c.overlapped:.4g} "
+                     f"overlapped; " + "; ".join(shares))
+    return lines
+
+
 def comparisons(rows: list[dict]) -> list[str]:
     """The run's A/B pairs, each as 'what: on X, off Y, on / off R'."""
     pairs = [("8B ShareGPT-like at 32 sequences, mixed-step graphs, output tok/s", "output_tok_s",
@@ -119,10 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         verdict = {True: "MET", False: "missed", None: "no result"}[t.met]
         value = "-" if t.value is None else f"{t.value:.4g}"
         print(f"target  {t.name}: {value} against {'>=' if t.higher_is_better else '<='} {t.target:.4g}: {verdict}")
+    for line in ceiling_lines(rows, found):
+        print(line)
     device = next((r.get("device") for r in rows if r.get("device")), None)
     with path.open("a") as f:
         f.write(json.dumps({"mode": "targets", "device": device,
-                            "targets": [{**asdict(t), "met": t.met} for t in found]}) + "\n")
+                            "targets": [{**asdict(t), "met": t.met} for t in found],
+                            "ceilings": [asdict(c) for c in ceilings(rows)]}) + "\n")
 
 
 if __name__ == "__main__":

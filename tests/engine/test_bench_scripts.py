@@ -118,7 +118,8 @@ def test_gpu_summary_judges_the_targets(tmp_path, capsys):
         {"mode": "engine", "config": b8, "device": "NVIDIA H200", "backend": "triton", "fused_decode_gemv": "auto",
          "ms_per_step": 4.4, "decode_tok_s": 227.0, "ttft_long_cold_s": 0.228, "ttft_long_cached_plus_256_s": 0.0161},
         {"mode": "engine", "config": b8, "backend": "triton", "fused_decode_gemv": "on", "ms_per_step": 9.0},
-        {"mode": "floor", "config": b8, "ms_per_step": 4.05},
+        {"mode": "floor", "config": b8, "ms_per_step": 4.05, "achieved_gb_s": 3965.0,
+         "gemm_tflops": {"1024": 700.0, "4096": 805.0}},
         {"mode": "engine", "config": b135, "backend": "triton", "fused_decode_gemv": "auto", "decode_tok_s": 1620.0},
         {"mode": "throughput_sharegpt", "config": b8, "output_tok_s": 9000.0},
         {"mode": "throughput_random1000", "config": b8, "output_tok_s": 14000.0, "output_tok_s_from_start": 12600.0},
@@ -151,9 +152,31 @@ def test_gpu_summary_judges_the_targets(tmp_path, capsys):
     assert "8B batch-1 decode, % of the floor: 92.05 against >= 95: missed" in printed
     assert "8B TTFT, 8k cold, s: 0.228 against <= 0.23: MET" in printed
     assert "mixed-step graphs, output tok/s: on 2400, off 2000, on / off 1.200" in printed
+    # Each saturation workload's bf16 ceiling at the run's best GEMM rate and floor bandwidth.
+    assert "ceiling  8B sharegpt, bf16 at 805 TFLOP/s and 3.96 TB/s: 1.324e+04 output tok/s" in printed
+    assert "ceiling  8B random1000" in printed and "result 1.26e+04 is 108 % / 62 %" in printed
+    ceilings = json.loads(out.read_text().splitlines()[-1])["ceilings"]
+    assert [c["workload"] for c in ceilings] == ["sharegpt", "random1000"]
     # The summary line of the run's first engine row; a second summary run reads past the targets row.
     assert "llama-3.1-8b.json engine backend=triton fused_decode_gemv=auto" in printed
     gpu_summary.main([str(out)])
+
+
+def test_saturation_ceiling_by_hand():
+    """Random 1000/1000 on the 8B shape, per output token: its decode token's GEMMs, one prompt token's
+    GEMMs (no lm_head) and causal attention over 500 keys on average, then KV reads over 1,500 keys."""
+    from bench.gpu_summary import CONFIGS, B8, ceiling
+    from loopserve.model.hf_config import model_config_from_hf
+
+    cfg = model_config_from_hf(json.loads((CONFIGS / B8).read_text()))
+    layer = 4096 * 6144 + 4096 * 4096 + 4096 * 28672 + 14336 * 4096
+    lm_head = 128256 * 4096
+    flops = 2 * (32 * layer + lm_head) + 2 * 32 * layer + 4 * 32 * 32 * 128 * 500
+    kv_bytes = 1500 * 2 * 32 * 8 * 128 * 2
+    c = ceiling("random1000", cfg, tflops=800.0, gb_s=3000.0)
+    compute, memory = flops / 800e12, kv_bytes / 3000e9
+    assert abs(c.sequential - 1 / (compute + memory)) < 1e-6 * c.sequential
+    assert abs(c.overlapped - 1 / memory) < 1e-6 * c.overlapped  # KV reads are the longer here
 
 
 def test_step_mix_counts_the_steps_graph_sets_could_serve(tmp_path):
