@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-weight models saved as HF folders with a locally trained tokenizer."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,44 @@ def make_llm(tiny_llama, device):
                 assert not spec.proposer.seqs
 
 
+# Tensor methods that bring values to the host: inside a CUDA graph capture each is a synchronisation
+# the capture refuses, or a value frozen into every replay.
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def host_round_trips_refused():
+    """Within: loopserve code that reads a tensor's values on the host (_HOST_READS) or uploads host
+    data (`to_device`) raises. A static forward of the step graphs runs so on CPU, where nothing is
+    captured, to show the GPU capture would take it: an upload would be captured as a copy from a
+    pinned buffer that later steps reuse, and a host read cannot be captured at all. Only calls made
+    directly from loopserve's modules count (Triton's interpreter reads its arguments on the host)."""
+    import loopserve.attention.triton_backend as triton_backend
+
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def refused(name, method):
+        def guarded(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("loopserve"):
+                raise AssertionError(f"Tensor.{name} in a static forward: a host round trip a CUDA graph cannot hold")
+            return method(*args, **kwargs)
+        return guarded
+
+    def upload(*args, **kwargs):
+        raise AssertionError("to_device in a static forward: a CUDA graph would replay the upload of a stale buffer")
+
+    saved_upload = triton_backend.to_device
+    try:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, refused(name, method))
+        triton_backend.to_device = upload
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        triton_backend.to_device = saved_upload
+
+
 @pytest.fixture
 def with_prefill_graphs():
     """Give an eager Triton LLM step graph sets built (not captured: what a capture records, run as a
@@ -156,7 +196,8 @@ def with_prefill_graphs():
 
             def forward(t, with_single, k=k, orig=graphs.forward):
                 served.append((k, t, with_single))
-                return orig(t, with_single)
+                with host_round_trips_refused():
+                    return orig(t, with_single)
 
             graphs.forward = forward
             runner.step_graphs.append(graphs)
@@ -183,13 +224,17 @@ def with_decode_graphs():
         graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend, sizes, max_blocks,
                               scratch_block=scratch, device=runner.device)
         served = []
-        orig = graphs.run
+        orig, static_forward = graphs.run, graphs._forward
 
         def run(inputs, prev_tokens):
             served.append((next(b for b in graphs.sizes if b >= len(inputs.seq_lens)), prev_tokens is not None))
             return orig(inputs, prev_tokens)
 
-        graphs.run = run
+        def forward(b):
+            with host_round_trips_refused():
+                return static_forward(b)
+
+        graphs.run, graphs._forward = run, forward
         runner.graphs = graphs
         return served
 

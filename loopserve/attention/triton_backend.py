@@ -65,6 +65,11 @@ class TritonPagedAttention:
             # the kernel's tile shape.
             live = live_programs_of(1, query.shape[1], meta.max_query_len)
             seq_ids = meta.derived["triton_prefill_ids"]
+            if not meta.decode_indices:  # the variant without 1-token rows: the extend launch alone
+                return paged_extend_attention(query, cache.key, cache.value, meta.block_tables,
+                                              meta.query_start_loc_t, meta.seq_lens_t, meta.max_query_len, scale,
+                                              skip_single=True, live_programs=live, seq_ids=seq_ids,
+                                              tiles=self.extend_tiles)
         elif not meta.prefill_indices:
             return self._pure_decode(query, cache, meta, scale)
         elif not meta.decode_indices:

@@ -111,6 +111,25 @@ def test_mixed_step_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     assert any(t < 32 for k, t, _ in served if k == 1)  # a graph with fewer slots than the set's 32
 
 
+def test_static_forwards_refuse_host_round_trips():
+    """The guard the graph layout tests run their static forwards under (tests/conftest.py): loopserve
+    code reading a tensor on the host, or uploading to it, fails; other code (Triton's interpreter,
+    this test) does not."""
+    from tests.conftest import host_round_trips_refused
+
+    x = torch.ones(2, dtype=torch.long)
+    in_loopserve = {"__name__": "loopserve.model.fake", "x": x}
+    with host_round_trips_refused():
+        assert x.tolist() == [1, 1] and int(x[0]) == 1
+        for line in ("x.tolist()", "x[0].item()", "bool(x[0])", "int(x[0])", "[0, 1][x[0]]", "x.cpu()"):
+            with pytest.raises(AssertionError, match="host round trip"):
+                exec(line, in_loopserve)
+        import loopserve.attention.triton_backend as triton_backend
+        with pytest.raises(AssertionError, match="to_device"):
+            triton_backend.to_device([1], torch.long, x.device)
+    exec("x.tolist()", in_loopserve)  # restored
+
+
 @pytest.mark.parametrize("fused_gemv", ["off", "on"])
 def test_decode_graph_layout_equals_torch(make_llm, with_decode_graphs, fused_gemv, monkeypatch):
     """The static layout a decode graph replays (inputs packed and laid into its buffers by one
