@@ -9,7 +9,9 @@
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
 # --budget-s N (default 470): each step's timeout is cut to what is left of N seconds from the start, and
 # a step with under 10 s left is skipped, so the run ends, summary included, within 8 minutes (and the
-# device tool's 600 s a call). The diagnostic profiles run after every row the targets need.
+# device tool's 600 s a call). Order: the rows the targets and issue 5 need (engines, floors, saturation,
+# the transformers baselines), then the diagnostic rows (fused GEMVs forced on, the A/B pairs), then the
+# profiles.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 eager_baseline=1
@@ -55,22 +57,23 @@ step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/
   2>&1 | grep -E "passed|failed|Error|error|FAILED|skipped: the" | tail -25
 echo "== 8B"
 g 180 engine --config $B8
-g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 floor --config $B8
 echo "== 135M"
 g 90 engine --config $B135
-g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
-g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0 --no-pdl
 g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20
 g 80 throughput --config $B8 --workload random1000 --seconds 20
-echo "== 8B sharegpt-like at 32 sequences, with and without mixed-step graphs (their A/B, where launches may set the pace)"
-g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12
-g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12 --no-mixed-step-graphs
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
+echo "== diagnostics: the fused GEMVs forced on (135M with and without PDL)"
+g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
+g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
+g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0 --no-pdl
+echo "== 8B sharegpt-like at 32 sequences, with and without mixed-step graphs (their A/B, where launches may set the pace)"
+g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12
+g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12 --no-mixed-step-graphs
 echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
 step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
 step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
