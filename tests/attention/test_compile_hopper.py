@@ -30,15 +30,12 @@ if torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent('''
-    import inspect, json, re, subprocess, sys, tempfile
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json, re, subprocess, sys, tempfile
+    from bench.sm90_compile import DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper
     from loopserve.attention import triton_decode as td, triton_extend as te
     from loopserve.model import fused_ops as fo, gemv
     from loopserve.runner import argmax, step_inputs
 
-    HOPPER = GPUTarget("cuda", 90, 32)
     results = {}
 
     def ptxas_usage(ptx):
@@ -55,21 +52,9 @@ CHILD = textwrap.dedent('''
             return None, None
 
     def build(name, kernel, pointers, constexprs, floats=(), ones=(), **options):
-        """As the JIT specialises: integers and pointers divisible by 16 (except do_not_specialize ones),
-        `ones` (unit strides) as the constant 1."""
-        constexprs = {**constexprs, **dict.fromkeys(ones, 1)}
-        params = list(inspect.signature(kernel.fn).parameters)
-        nospec = {params[d] if isinstance(d, int) else d for d in getattr(kernel, "do_not_specialize", ()) or ()}
-        sig, attrs = {}, {}
-        for i, p in enumerate(params):
-            if p in constexprs:
-                sig[p] = "constexpr"
-                continue
-            sig[p] = pointers.get(p) or ("fp32" if p in floats else "i32")
-            if sig[p] != "fp32" and p not in nospec:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+        """As the JIT specialises (bench/sm90_compile.py); records what it compiled to."""
         try:
-            k = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
+            k = compile_for_hopper(kernel, pointers, constexprs, floats, ones, **options)
             ptx = k.asm["ptx"]
             regs, spills = ptxas_usage(ptx)
             results[name] = {"ok": True, "shared": k.metadata.shared, "registers": regs, "spill_bytes": spills,
@@ -103,31 +88,24 @@ CHILD = textwrap.dedent('''
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):
         build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,
-              {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
-               "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
-               "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
-               "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
+              DECODE_POINTERS,
               dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
                    SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary, GDC=True,
                    PREFETCH=prefetch, PIPELINE=False),
               floats=("qk_scale",), num_warps=4,
-              ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od"))
+              ones=DECODE_UNIT_STRIDES)
     # Every tile the startup tuner may pick for the decode kernel (runner/decode_tuning.py), in the
     # variants each regime launches: few programs read their first tile early (and rotate, at batch 1).
     for regime, tiles in td._GPU_DECODE_CANDIDATES.items():
         for tile in tiles:
             for rotary in ((False, True) if regime == td.FEW else (False,)):
                 build(f"decode-tuned-{regime}-{tile}-rotary{int(rotary)}", td._decode_kernel,
-                      {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
-                       "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
-                       "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",
-                       "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"},
+                      DECODE_POINTERS,
                       dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile.block_n,
                            DOT_PRECISION="tf32", SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=False, ROTARY=rotary, GDC=True,
                            PREFETCH=regime == td.FEW, PIPELINE=tile.pipeline),
                       floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages,
-                      ones=("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk",
-                            "stride_od"))
+                      ones=DECODE_UNIT_STRIDES)
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4, ones=("stride_ad", "stride_sk", "stride_od"))
     # Every tile the startup tuner may pick, as launched at 1 and 4 rows (8B shapes: K = 4,096).
