@@ -7,6 +7,8 @@
 # Results: $OUT/gpu.jsonl (or ./gpu.jsonl); each step has its own timeout so one failure costs only itself,
 # and the steps run most needed first, so a run cut by the device budget loses the least.
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
+# --parts LIST (comma-separated; default tests,targets,diagnostics,profiles,eager) runs only those parts:
+# a second, shorter device call can take the diagnostics and profiles that a first one's budget cut.
 # --budget-s N (default 470): each step's timeout is cut to what is left of N seconds from the start, and
 # a step with under 10 s left is skipped, so the run ends, summary included, within 8 minutes (and the
 # device tool's 600 s a call). Order: the rows the targets and issue 5 need (engines, floors, saturation,
@@ -16,14 +18,19 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 eager_baseline=1
 budget=470
+parts=tests,targets,diagnostics,profiles,eager
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-eager-baseline) eager_baseline=0 ;;
     --budget-s) budget="$2"; shift ;;
-    *) echo "usage: $0 [--no-eager-baseline] [--budget-s N]" >&2; exit 2 ;;
+    --parts) parts="$2"; shift ;;
+    *) echo "usage: $0 [--no-eager-baseline] [--budget-s N] [--parts tests,targets,diagnostics,profiles,eager]" >&2
+       exit 2 ;;
   esac
   shift
 done
+[ "$eager_baseline" = 1 ] || parts="${parts//eager/}"
+part() { [[ ",$parts," == *",$1,"* ]]; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Wheels the GPU machine lacks, carried in .whl (scripts/gpu_wheels.sh), go into a scratch site folder.
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -46,6 +53,7 @@ step() {
 }
 g() { step "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
+if part tests; then
 echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
 step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
@@ -55,6 +63,8 @@ step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \
   "tests/engine/test_overlap.py::test_grammar_and_penalty_requests_overlap_too" \
   2>&1 | grep -E "passed|failed|Error|error|FAILED|skipped: the" | tail -25
+fi
+if part targets; then
 echo "== 8B"
 g 180 engine --config $B8
 g 40 floor --config $B8
@@ -67,6 +77,8 @@ g 80 throughput --config $B8 --workload random1000 --seconds 20
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32
+fi
+if part diagnostics; then
 echo "== diagnostics: the fused GEMVs forced on (135M with and without PDL)"
 g 60 engine --config $B8 --fused-decode-gemv on --long-prompt-len 0
 g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0
@@ -74,13 +86,16 @@ g 40 engine --config $B135 --fused-decode-gemv on --long-prompt-len 0 --no-pdl
 echo "== 8B sharegpt-like at 32 sequences, with and without mixed-step graphs (their A/B, where launches may set the pace)"
 g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12
 g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12 --no-mixed-step-graphs
+fi
+if part profiles; then
 echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
 step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
 step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
   | tail -1 | cut -c1-300
 echo "== 135M profile: batch-1 decode"
 step 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
-if [ "$eager_baseline" = 1 ]; then
+fi
+if part eager; then
   echo "== loopserve torch eager (the pre-Triton path)"
   g 80 engine --config $B8 --attention-backend torch --enforce-eager
 fi
