@@ -144,6 +144,7 @@ def host_round_trips_refused():
     import loopserve.attention.triton_backend as triton_backend
 
     saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    own = {name for name in _HOST_READS if name in vars(torch.Tensor)}  # the rest come from torch's C base
 
     def refused(name, method):
         def guarded(*args, **kwargs):
@@ -163,7 +164,10 @@ def host_round_trips_refused():
         yield
     finally:
         for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+            if name in own:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
         triton_backend.to_device = saved_upload
 
 

@@ -119,6 +119,7 @@ def test_static_forwards_refuse_host_round_trips():
 
     x = torch.ones(2, dtype=torch.long)
     in_loopserve = {"__name__": "loopserve.model.fake", "x": x}
+    before = {name: name in vars(torch.Tensor) for name in ("item", "__bool__", "tolist")}
     with host_round_trips_refused():
         assert x.tolist() == [1, 1] and int(x[0]) == 1
         for line in ("x.tolist()", "x[0].item()", "bool(x[0])", "int(x[0])", "[0, 1][x[0]]", "x.cpu()"):
@@ -127,7 +128,8 @@ def test_static_forwards_refuse_host_round_trips():
         import loopserve.attention.triton_backend as triton_backend
         with pytest.raises(AssertionError, match="to_device"):
             triton_backend.to_device([1], torch.long, x.device)
-    exec("x.tolist()", in_loopserve)  # restored
+    exec("x.tolist()", in_loopserve)  # restored, as torch defines them
+    assert {name: name in vars(torch.Tensor) for name in ("item", "__bool__", "tolist")} == before
 
 
 @pytest.mark.parametrize("fused_gemv", ["off", "on"])
