@@ -102,12 +102,16 @@ class TritonPagedAttention:
 
     def _pure_decode(self, query: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float,
                      new_tokens=None) -> torch.Tensor:
-        """A pure decode step (row i is sequence i's only new token) in the decode kernel's one launch."""
+        """A pure decode step (row i is sequence i's only new token) in the decode kernel's one launch.
+        Without new_tokens, the new K/V were stored by the kernel launched just before (store_rotated),
+        so no program may read its first K/V tile before waiting for it (programmatic dependent launch):
+        the new token's tile would be read stale."""
         from loopserve.attention.triton_decode import paged_decode_attention
 
         return paged_decode_attention(query, cache.key, cache.value, meta.block_tables, meta.seq_lens_t, scale,
                                       workspace=self._decode_workspace(meta, query, cache, meta.block_tables),
-                                      new_tokens=new_tokens, pdl=self.pdl, tiles=self.decode_tiles)
+                                      new_tokens=new_tokens, prefetch=None if new_tokens is not None else False,
+                                      pdl=self.pdl, tiles=self.decode_tiles)
 
     @staticmethod
     def _derived(meta: AttentionMetadata, name: str, make):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,25 +29,35 @@ from loopserve.runner.step_inputs import StepInputs, pack_decode_inputs, unpack_
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class CaptureMemory:
+    """A CUDA-graph memory pool and the one stream that captures into it. The caching allocator reuses
+    a freed block only for allocations on the stream it was made on, so graphs captured into one
+    pool from different streams would each add their peak instead of sharing it."""
+    stream: torch.cuda.Stream = field(default_factory=torch.cuda.Stream)
+    pool: object = None  # set by the first capture
+
+
 @torch.inference_mode()
-def _capture_all(graphs: dict, forwards: list, pool=None):
+def _capture_all(graphs: dict, forwards: list, memory: CaptureMemory | None = None) -> CaptureMemory:
     """Capture each (key, forward) into `graphs[key] = (graph, output)`, in order, all in one memory
-    pool (list the largest first: it sets the pool's size), `pool` if given; returns the pool. Each
+    pool (list the largest first: it sets the pool's size), `memory`'s if given; returns it. Each
     forward runs twice uncaptured first, so kernels compile and autotune outside the capture."""
-    stream = torch.cuda.Stream()
+    memory = memory or CaptureMemory()
+    stream = memory.stream
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for key, forward in forwards:
             for _ in range(2):
                 forward()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            with torch.cuda.graph(graph, pool=memory.pool, stream=stream):
                 output = forward()
-            pool = graph.pool()
+            memory.pool = graph.pool()
             graphs[key] = (graph, output)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    return pool
+    return memory
 
 
 def capture_graph(fn) -> torch.cuda.CUDAGraph:
@@ -207,8 +218,9 @@ class PrefillGraphs:
 
     Layout of a graph for T tokens, S sequence slots (the set's, at most T: `slots`) and P prompt
     slots (all static buffers):
-      * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot and
-        their attention rows are never written, so they carry garbage that no real row reads;
+      * tokens 0..n-1 are the step's, n..T-1 padding: padding tokens write K/V to the scratch slot, and
+        their rows carry garbage (a split extend's merge may even write NaN there) that no real row
+        reads: every op between is row by row, and logits_rows never selects them;
       * slots 0..B-1 are the step's sequences in its order, B..S-1 empty (query_start_loc stays at n:
         no new tokens);
       * the extend kernel's grid covers the P prompt slots (prompt_ids): the step's multi-token
@@ -281,14 +293,14 @@ class PrefillGraphs:
                             out_rows=self.logits_rows[:s])
         return self.model.compute_logits(hidden, out=self.logits[:s])
 
-    def capture(self, pool=None):
-        """Capture every (size, variant), largest first, in one memory pool: `pool` if given (sets of
-        step graphs are never replayed at once, and their logits live outside it); returns it."""
+    def capture(self, memory: CaptureMemory | None = None) -> CaptureMemory:
+        """Capture every (size, variant), largest first, in one memory pool: `memory`'s if given (sets
+        of step graphs are never replayed at once, and their logits live outside it); returns it."""
         captured: dict = {}
-        pool = _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
-                                       for t in reversed(self.sizes) for single in self.spec.variants], pool)
+        memory = _capture_all(captured, [((t, single), functools.partial(self.forward, t, single))
+                                         for t in reversed(self.sizes) for single in self.spec.variants], memory)
         self.graphs = {key: graph for key, (graph, _) in captured.items()}
-        return pool
+        return memory
 
     def fits(self, num_tokens: int, num_seqs: int, num_prompts: int, num_logits: int, max_blocks: int,
              with_single: bool) -> bool:
@@ -328,11 +340,12 @@ class PrefillGraphs:
         single_lens for the decode kernel: 1-token sequences attend over their real length into their
         row, every other slot over one key (of query row 0) into the spare row t. One copy."""
         prompts = meta.prefill_indices
-        # A slot the extend kernel leaves at once: a 1-token sequence (skipped) or the first empty slot
-        # (none is free only when every slot is a prompt, and then there is no padding to do).
-        idle = meta.decode_indices[0] if meta.decode_indices else meta.num_seqs
-        routing = prompts + [idle] * (self.max_prompts - len(prompts))
         s = self.slots(t)
+        # A slot the extend kernel leaves at once: a 1-token sequence (skipped) or the first empty slot.
+        # None is empty only when every slot is a prompt, which leaves no prompt slot to pad.
+        idle = meta.decode_indices[0] if meta.decode_indices else meta.num_seqs
+        assert idle < s or len(prompts) == self.max_prompts, "no idle slot to pad the prompt slots with"
+        routing = prompts + [idle] * (self.max_prompts - len(prompts))
         if with_single:
             q_rows = [0] * s
             rows = [t] * s

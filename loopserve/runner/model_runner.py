@@ -142,12 +142,12 @@ class ModelRunner:
                             "capturing them without it", e)
                 self._set_pdl(False)
                 self.graphs = decode_graphs()
-            pool = None  # one memory pool for every set of step graphs
+            memory = None  # one memory pool (and capture stream) for every set of step graphs
             for spec in step_graphs or []:
                 graphs = PrefillGraphs(model, self.kv_caches, self.backend, spec, max_blocks,
                                        scratch_block=num_blocks, device=device)
                 try:
-                    pool = graphs.capture(pool)
+                    memory = graphs.capture(memory)
                 except RuntimeError as e:  # the decode graphs stand; these steps run eagerly
                     log.warning("CUDA graphs for steps of up to %d sequences disabled, capture failed: %s",
                                 spec.max_seqs, e)

@@ -204,7 +204,8 @@ def test_new_tokens_rotated_and_stored_in_the_launch(hq, hkv, dtype, splits, pre
 
     ref_q, ref_k, ref_kc, ref_vc = q.clone(), k_new.clone(), k_cache.clone(), v_cache.clone()
     rotary_qk_store_kv_torch_(ref_q, ref_k, v_new, positions, cos_sin, ref_kc, ref_vc, slots)
-    want = paged_decode_attention(ref_q, ref_kc, ref_vc, tables, lens_t, d ** -0.5, num_splits=splits)
+    # The reference reads the tile the cache write just before it stored (pdl=False: no early read).
+    want = paged_decode_attention(ref_q, ref_kc, ref_vc, tables, lens_t, d ** -0.5, num_splits=splits, pdl=False)
 
     q_before = q.clone()
     got = paged_decode_attention(q, k_cache, v_cache, tables, lens_t, d ** -0.5, num_splits=splits,
@@ -277,7 +278,8 @@ def test_empty_sequence_gives_zeros_not_nan():
     q, k, v, tables, lens_t = make_case([5, 3], 4, 2, 16, 4, torch.float32, 3)
     lens_t[1] = 0
     for splits in (1, 2):
-        out = paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=splits)
+        # pdl=False: the lengths were just written, and a PDL launch reads them before its wait.
+        out = paged_decode_attention(q, k, v, tables, lens_t, 0.25, num_splits=splits, pdl=False)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         torch.testing.assert_close(out[:1], reference(q[:1], k, v, tables[:1], lens_t[:1], 0.25), atol=1e-4,
                                    rtol=0)

@@ -69,6 +69,32 @@ def test_fused_kernels_through_the_model_equal_torch(make_llm, monkeypatch):
         assert calls and all(calls)  # every op took its kernel
 
 
+def test_pure_decode_after_a_separate_cache_write_reads_no_tile_early(make_llm, monkeypatch):
+    """Where the decode launch cannot rotate and store the new tokens itself (rotary_store_problem), the
+    kernel just before it stores them. So the launch must not read its first K/V tile before waiting
+    for that kernel (programmatic dependent launch): no prefetch. With the tokens stored in the launch,
+    the regime decides."""
+    from loopserve.attention import triton_decode
+    from loopserve.model import fused_ops
+
+    ref = _run(make_llm(attention_backend="torch", enforce_eager=True), staggered=False)
+    calls = []
+    launch = triton_decode.paged_decode_attention
+
+    def spy(*args, **kwargs):
+        if kwargs.get("q_rows") is None:  # a pure decode step's launch
+            calls.append((kwargs.get("new_tokens") is not None, kwargs.get("prefetch")))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "paged_decode_attention", spy)
+    assert _run(make_llm(attention_backend="triton", enforce_eager=True), staggered=False) == ref
+    assert calls and set(calls) == {(True, None)}
+    calls.clear()
+    monkeypatch.setattr(fused_ops, "rotary_store_problem", lambda *args: "forced: a separate cache write")
+    assert _run(make_llm(attention_backend="triton", enforce_eager=True), staggered=False) == ref
+    assert calls and set(calls) == {(False, False)}
+
+
 def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     """The static layout a prefill graph replays (tokens padded to the graph's size, empty sequence
     slots, 1-token rows routed to the decode kernel with the others parked on the padding row, logits
