@@ -112,56 +112,78 @@ class ModelRunner:
         # regime -> Tuned: the decode attention kernel's startup tile tuning (empty when it did not run)
         self.decode_timings: dict[str, Tuned] = {}
         if use_graphs:
-            from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
-            max_blocks = -(-(max_model_len or model_config.max_position_embeddings) // block_size)
-            # The attention kernels' tiles, before any graph captures them (runner/extend_tuning.py,
-            # runner/decode_tuning.py: the decode graphs' batch sizes and table width).
-            self.extend_timings = self._tuned("extend attention tiles", lambda: tune_extend_tiles(
-                self.backend, self.kv_caches[0], model_config.num_heads,
-                max_model_len or model_config.max_position_embeddings))
-            self.decode_timings = self._tuned("decode attention tiles", lambda: tune_decode_tiles(
-                self.backend, self.kv_caches[0], model_config.num_heads, max(cuda_graph_sizes), max_blocks))
+            self._capture_graphs(num_blocks, cuda_graph_sizes, max_model_len, step_graphs or [],
+                                 choose_fused_gemv_rows)
 
-            def decode_graphs() -> DecodeGraphs:
-                if choose_fused_gemv_rows or model.fused_gemv_rows:
-                    model.gemv_choices = {}  # a retry (without PDL) after a failed capture starts afresh
-                    self.gemv_timings = self._tuned("fused GEMV choices", lambda: tune_gemv_choices(model))
-                graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
-                                      scratch_block=num_blocks, device=device,
-                                      choose_fused_gemv_rows=choose_fused_gemv_rows)
-                graphs.capture()
-                return graphs
+    def _capture_graphs(self, num_blocks: int, cuda_graph_sizes: list[int], max_model_len: int | None,
+                        step_graphs: list[StepGraphSpec], choose_fused_gemv_rows: int) -> None:
+        """The startup tuners, then the decode graphs and the step-graph sets. A failure in any of them
+        (a capture the driver refuses, a kernel the compiler rejects) costs speed, not service: the
+        tuners' defaults stay, and steps without graphs run eagerly, each said in the log."""
+        from loopserve.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 
-            try:
-                self.graphs = decode_graphs()
-            except RuntimeError as e:
-                if not self.pdl:
-                    raise
+        model, cfg, device = self.model, self.cfg, self.device
+        max_blocks = -(-(max_model_len or cfg.max_position_embeddings) // self.block_size)
+        # The attention kernels' tiles, before any graph captures them (runner/extend_tuning.py,
+        # runner/decode_tuning.py: the decode graphs' batch sizes and table width).
+        self.extend_timings = self._tuned("extend attention tiles", lambda: tune_extend_tiles(
+            self.backend, self.kv_caches[0], cfg.num_heads, max_model_len or cfg.max_position_embeddings))
+        self.decode_timings = self._tuned("decode attention tiles", lambda: tune_decode_tiles(
+            self.backend, self.kv_caches[0], cfg.num_heads, max(cuda_graph_sizes), max_blocks))
+
+        def decode_graphs() -> DecodeGraphs:
+            if choose_fused_gemv_rows or model.fused_gemv_rows:
+                model.gemv_choices = {}  # a retry (without PDL) after a failed capture starts afresh
+                self.gemv_timings = self._tuned("fused GEMV choices", lambda: tune_gemv_choices(model))
+            graphs = DecodeGraphs(model, self.kv_caches, self.backend, cuda_graph_sizes, max_blocks,
+                                  scratch_block=num_blocks, device=device,
+                                  choose_fused_gemv_rows=choose_fused_gemv_rows)
+            graphs.capture()
+            return graphs
+
+        try:
+            self.graphs = decode_graphs()
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            if self.pdl:
                 # A driver that cannot capture programmatic launches: the same graphs with plain ones.
                 log.warning("decode graphs with programmatic dependent launch failed to capture (%s); "
                             "capturing them without it", e)
                 self._set_pdl(False)
-                self.graphs = decode_graphs()
-            memory = None  # one memory pool (and capture stream) for every set of step graphs
-            for spec in step_graphs or []:
-                graphs = PrefillGraphs(model, self.kv_caches, self.backend, spec, max_blocks,
-                                       scratch_block=num_blocks, device=device)
                 try:
-                    memory = graphs.capture(memory)
-                except RuntimeError as e:  # the decode graphs stand; these steps run eagerly
-                    log.warning("CUDA graphs for steps of up to %d sequences disabled, capture failed: %s",
-                                spec.max_seqs, e)
-                    continue
-                self.step_graphs.append(graphs)
+                    self.graphs = decode_graphs()
+                except Exception as e2:  # noqa: BLE001
+                    self._without_decode_graphs(e2)
+            else:
+                self._without_decode_graphs(e)
+        memory = None  # one memory pool (and capture stream) for every set of step graphs
+        for spec in step_graphs:
+            graphs = PrefillGraphs(model, self.kv_caches, self.backend, spec, max_blocks,
+                                   scratch_block=num_blocks, device=device)
+            try:
+                memory = graphs.capture(memory)
+            except Exception as e:  # noqa: BLE001 - the decode graphs stand; these steps run eagerly
+                log.warning("CUDA graphs for steps of up to %d sequences disabled, capture failed: %s",
+                            spec.max_seqs, e, exc_info=True)
+                continue
+            self.step_graphs.append(graphs)
+
+    def _without_decode_graphs(self, error: Exception) -> None:
+        """Decode steps run eagerly, on cuBLAS layers (whatever the fused GEMV capture left set)."""
+        log.error("decode CUDA graphs failed to capture; decode steps run eagerly, much slower: %s", error,
+                  exc_info=True)
+        self.graphs = None
+        self.model.fused_gemv_rows = 0
+        self.model.gemv_choices = {}
 
     @staticmethod
     def _tuned(what: str, tune: Callable[[], dict[str, Tuned]]) -> dict[str, Tuned]:
-        """A startup tuner's timings on this GPU; on a failure (a capture the driver refuses) none, and
-        the defaults stay: each tuner sets its choices only once it has timed them all."""
+        """A startup tuner's timings on this GPU; on a failure (a capture the driver refuses, a kernel
+        the compiler rejects) none, and the defaults stay: each tuner sets its choices only once it has
+        timed them all."""
         try:
             return tune()
-        except RuntimeError as e:
-            log.warning("%s not tuned, defaults kept: %s", what, e)
+        except Exception as e:  # noqa: BLE001 - a tuner that fails costs its speed-up, not the server
+            log.warning("%s not tuned, defaults kept: %s", what, e, exc_info=True)
             return {}
 
     def _set_pdl(self, pdl: bool) -> None:

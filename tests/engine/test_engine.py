@@ -221,3 +221,66 @@ def test_half_precision_engine_runs_and_mostly_agrees(make_llm, reference, dtype
     # Half precision flips near-ties of this random model; most first greedy tokens still match fp32's.
     agree = sum(o.outputs[0].token_ids[0] == reference[i][0] for i, o in enumerate(outs))
     assert agree >= 3, f"only {agree}/4 first tokens agree with fp32"
+
+
+def test_graph_capture_failures_cost_speed_not_service(make_llm, monkeypatch, caplog):
+    """The runner's startup on a GPU (faked here): a tuner that fails keeps its defaults, decode graphs
+    that fail to capture with programmatic dependent launch are captured without it, decode graphs that
+    fail either way leave decode steps eager on cuBLAS layers, and a step-graph set that fails is left
+    out while the others stand; whatever the error's type, each is said in the log."""
+    from loopserve.config import StepGraphSpec
+    from loopserve.runner import cuda_graphs, model_runner
+
+    llm = make_llm(enforce_eager=True)
+    runner = llm.engine.runner
+
+    def fails(*args, **kwargs):
+        raise TypeError("a kernel the compiler rejects")
+
+    captures = []
+
+    class FakeDecodeGraphs:
+        fail = 2  # captures that fail before one succeeds
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def capture(self):
+            captures.append(runner.pdl)
+            if len(captures) <= FakeDecodeGraphs.fail:
+                raise ValueError("operation not permitted when stream is capturing")
+
+    class FakeStepGraphs:
+        def __init__(self, model, kv_caches, backend, spec, max_blocks, scratch_block, device):
+            self.spec = spec
+
+        def capture(self, memory=None):
+            if self.spec.max_seqs == 8:
+                raise AssertionError("out of memory in the pool")
+            return memory
+
+    monkeypatch.setattr(model_runner, "tune_extend_tiles", fails)
+    monkeypatch.setattr(model_runner, "tune_decode_tiles", fails)
+    monkeypatch.setattr(cuda_graphs, "DecodeGraphs", FakeDecodeGraphs)
+    monkeypatch.setattr(cuda_graphs, "PrefillGraphs", FakeStepGraphs)
+    specs = [StepGraphSpec((16, 32), 8, 8), StepGraphSpec((256,), 32, 4)]
+
+    # PDL refused, then the plain capture refused too: eager decode steps on cuBLAS layers.
+    runner.pdl, runner.model.fused_gemv_rows = True, 4
+    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, specs, 0)
+    assert captures == [True, False] and runner.graphs is None and runner.model.fused_gemv_rows == 0
+    assert runner.extend_timings == {} and runner.decode_timings == {}
+    assert [g.spec.max_seqs for g in runner.step_graphs] == [32]
+    logged = caplog.text
+    assert "extend attention tiles not tuned" in logged and "decode attention tiles not tuned" in logged
+    assert "failed to capture; decode steps run eagerly" in logged and "up to 8 sequences disabled" in logged
+
+    # PDL refused, the plain capture taken.
+    captures.clear()
+    FakeDecodeGraphs.fail = 1
+    runner.pdl, runner.step_graphs = True, []
+    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, [], 0)
+    assert captures == [True, False] and isinstance(runner.graphs, FakeDecodeGraphs) and not runner.pdl
+    runner.graphs = None  # the LLM goes on serving eagerly
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
