@@ -160,8 +160,8 @@ class DecodeGraphs:
         self.model.fused_gemv_rows = self.choose_fused_rows
         try:
             _capture_all(fused, [(b, functools.partial(self._forward, b)) for b in reversed(small)])
-        except (RuntimeError, ValueError) as e:  # the GEMV cannot take this model: keep cuBLAS
-            log.warning("fused GEMV decode graphs not captured, cuBLAS kept: %s", e)
+        except Exception as e:  # noqa: BLE001 - the GEMV cannot take this model (shapes, compiler): keep cuBLAS
+            log.warning("fused GEMV decode graphs not captured, cuBLAS kept: %s", e, exc_info=True)
             fused = {}
         self.fused_timings = {b: tuple(replay_ms(self.graphs[b][0], fused[b][0])) for b in small if fused}
         self.fused_sizes, self.model.fused_gemv_rows = pick_fused_sizes(self.fused_timings)
