@@ -59,27 +59,25 @@ class TritonPagedAttention:
         from loopserve.attention.triton_decode import paged_decode_attention
         from loopserve.attention.triton_extend import live_programs_of, paged_extend_attention
 
+        if not meta.static_layout and not meta.prefill_indices:
+            return self._pure_decode(query, cache, meta, scale)
         if meta.static_layout:
             # A captured graph (runner/cuda_graphs.py: PrefillGraphs): its grid covers max_query_len in
             # each of its prompt slots, but the steps it serves mostly have one prompt, whose tiles pick
             # the kernel's tile shape.
             live = live_programs_of(1, query.shape[1], meta.max_query_len)
             seq_ids = meta.derived["triton_prefill_ids"]
-            if not meta.decode_indices:  # the variant without 1-token rows: the extend launch alone
-                return paged_extend_attention(query, cache.key, cache.value, meta.block_tables,
-                                              meta.query_start_loc_t, meta.seq_lens_t, meta.max_query_len, scale,
-                                              skip_single=True, live_programs=live, seq_ids=seq_ids,
-                                              tiles=self.extend_tiles)
-        elif not meta.prefill_indices:
-            return self._pure_decode(query, cache, meta, scale)
-        elif not meta.decode_indices:
-            return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
-                                          meta.seq_lens_t, meta.max_query_len, scale, tiles=self.extend_tiles)
-        else:
+        elif meta.decode_indices:
             # Eager mixed step: the extend grid covers the multi-token sequences only, not every row's.
             live = live_programs_of(len(meta.prefill_indices), query.shape[1], meta.max_query_len)
             seq_ids = self._derived(meta, "triton_prefill_ids",
                                     lambda: to_device(meta.prefill_indices, torch.int32, query.device))
+        else:
+            live = seq_ids = None
+        if not meta.decode_indices:  # no 1-token rows (or the graph variant without them): extend alone
+            return paged_extend_attention(query, cache.key, cache.value, meta.block_tables, meta.query_start_loc_t,
+                                          meta.seq_lens_t, meta.max_query_len, scale, skip_single=meta.static_layout,
+                                          live_programs=live, seq_ids=seq_ids, tiles=self.extend_tiles)
         # Mixed step. In the extend kernel a decode row would fill one of BLOCK_M query rows and read its
         # context once per query head; the decode kernel reads it once per KV head for the whole GQA
         # group. So decode rows (and 1-token chunks, the same thing causally) go there, attended in place
