@@ -248,6 +248,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="agent sessions (X-Session-Id or `user`): seconds a finished turn's KV stays pinned when "
                         "the request sends no hint; 0 turns retention off "
                         f"(default: {ServerConfig.session_retention_s:g})")
+    p.add_argument("--prompt-segment-cache-tokens", type=int, default=ServerConfig.prompt_segment_cache_tokens,
+                   metavar="N", help="chat prompts reuse the token ids of message segments earlier requests held, "
+                                     "up to N cached ids; 0 tokenizes every prompt whole "
+                                     f"(default: {ServerConfig.prompt_segment_cache_tokens})")
     p.add_argument("--host-kv-cache-bytes", type=_parse_bytes, default=None,
                    help="host-memory tier for retained sessions' KV forced off the device, e.g. 8G "
                         "(default: 4 GiB on GPU, 0 on CPU)")
@@ -312,6 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--session-retention must be in [0, {MAX_SESSION_RETENTION_S:g}]")
     if args.max_waiting_requests < 0:
         raise UsageError("--max-waiting-requests must be >= 0")
+    if args.prompt_segment_cache_tokens < 0:
+        raise UsageError("--prompt-segment-cache-tokens must be >= 0")
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be in [0, 65535]")
     try:
@@ -334,7 +340,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  served_model_name=args.served_model_name or args.model,
                                  max_waiting_requests=args.max_waiting_requests, drain_timeout_s=args.drain_timeout,
                                  tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-                                 session_retention_s=args.session_retention)
+                                 session_retention_s=args.session_retention,
+                                 prompt_segment_cache_tokens=args.prompt_segment_cache_tokens)
     from loopserve.server.launcher import run_server
     return run_server(engine_config, server_config, log_level=args.log_level, access_log=not args.no_access_log)
 

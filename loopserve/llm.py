@@ -19,6 +19,7 @@ from loopserve.config import (
 from loopserve.engine.core import EngineCore, EngineRequest, EngineStats
 from loopserve.engine.output_processor import OutputProcessor
 from loopserve.engine.request import RequestStatus
+from loopserve.model.prompt_encoder import PromptEncoder
 from loopserve.outputs import RequestOutput
 from loopserve.sampling_params import SamplingParams
 
@@ -62,6 +63,7 @@ class LLM:
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)
+        self._prompt_encoder = PromptEncoder(self.tokenizer)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
@@ -99,7 +101,7 @@ class LLM:
     def _chat_prompt(self, messages: Conversation, **kw) -> dict[str, Any]:
         text = self.render_chat(messages, **kw)
         # The template already wrote any BOS it wants; don't let the tokenizer add another.
-        return {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        return {"prompt": text, "prompt_token_ids": self._prompt_encoder.encode(text)}
 
     # ---- running -------------------------------------------------------------------------------
 

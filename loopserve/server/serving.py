@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from loopserve.config import ServerConfig
 from loopserve.engine.client import AsyncEngineClient, EngineDeadError
 from loopserve.engine.output_processor import StreamUpdate
+from loopserve.model.prompt_encoder import PromptEncoder
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
 from loopserve.server.protocol import ChatMessage, usage
@@ -41,6 +42,7 @@ class ServerState:
     admitted: int = 0  # requests inside a generation endpoint right now (admission control)
     sessions: SessionTracker = field(default_factory=SessionTracker)
     _max_token_chars: int | None = None
+    _prompt_encoder: PromptEncoder | None = None
 
     def session(self, request, body) -> SessionRef | None:
         """The request's agent session and retention hint (400 when the hint is bad)."""
@@ -58,6 +60,13 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self.client.max_model_len
+
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """Chat text to ids, reusing earlier prompts' segments (built on first use, or at start-up)."""
+        if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
+            self._prompt_encoder = PromptEncoder(self.tokenizer, self.config.prompt_segment_cache_tokens)
+        return self._prompt_encoder
 
     @property
     def vocab_size(self) -> int:
@@ -98,7 +107,15 @@ class ServerState:
                               f"({len(text)} characters). Please reduce the length of the input.",
                               param=param, code="context_length_exceeded")
         try:
-            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+            if add_special_tokens:
+                return list(self.tokenizer.encode(text, add_special_tokens=True))
+            encoder = self.prompt_encoder
+            reused, encoded = encoder.stats.reused_tokens, encoder.stats.encoded_tokens
+            ids = encoder.encode(text)
+            if self.metrics is not None:
+                self.metrics.chat_prompt_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
+                self.metrics.chat_prompt_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
+            return ids
         except Exception as e:  # noqa: BLE001
             raise bad_request(f"cannot tokenize the {param}: {e}", param=param) from None
 

@@ -87,7 +87,9 @@ class SessionTracker:
             return None
         self._sessions.move_to_end(sid)
         n = min(len(s.expected), len(prompt))
-        pos = next((i for i in range(n) if s.expected[i] != prompt[i]), None)
+        # Whole-list comparison runs in C; the token-by-token search only where they differ (a drift).
+        same = prompt[:n] == s.expected[:n]
+        pos = None if same else next(i for i in range(n) if s.expected[i] != prompt[i])
         if pos is None:
             if len(prompt) >= len(s.expected):
                 return None

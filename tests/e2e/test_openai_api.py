@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.server_proc import pool_whole
+from tests.e2e.server_proc import metric_samples, pool_whole
 
 MSG = [{"role": "user", "content": "The quick brown fox"}]
 GREEDY = {"temperature": 0.0}
@@ -170,6 +170,31 @@ def test_tokenize_detokenize_round_trip(server):
     chat = httpx.post(server.base_url + "/tokenize", json={"messages": MSG}, headers=server.headers).json()
     r = server.openai().chat.completions.create(model=server.model, messages=MSG, max_tokens=1)
     assert chat["count"] == r.usage.prompt_tokens
+
+
+def test_chat_ids_over_growing_turns_are_the_whole_texts_ids(server, tiny_llama):
+    """The server tokenizes a re-sent conversation's earlier messages from its segment cache
+    (model/prompt_encoder.py); the ids must be those of tokenizing the whole rendered text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    before = chat_prompt_tokens(server)
+    messages = [{"role": "system", "content": "You call tools: <|im_end|> is special, 12 345 digits."}]
+    for turn in range(6):
+        messages.append({"role": "user" if turn % 2 == 0 else "assistant",
+                         "content": f" turn {turn}:  héllo\n\n{'{'}\"a\": [{turn}, 2]{'}'} <|im_start|>x " * (turn + 1)})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        r = httpx.post(server.base_url + "/tokenize", json={"messages": messages}, headers=server.headers).json()
+        assert r["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    after = chat_prompt_tokens(server)
+    reused, tokenized = (after[s] - before[s] for s in ("segment_cache", "tokenizer"))
+    assert reused > tokenized > 0  # later turns took their history from the cache
+
+
+def chat_prompt_tokens(server) -> dict[str, float]:
+    text = httpx.get(server.base_url + "/metrics", headers=server.headers).text
+    return {labels["source"]: value for name, labels, value in metric_samples(text)
+            if name == "loopserve:chat_prompt_tokens_total"}
 
 
 def test_concurrent_streams_match_single_requests(server):
