@@ -3,6 +3,7 @@ device session never spends its minutes on a script error: JSON shape, both over
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -38,6 +39,8 @@ def test_gpu_decode_engine_times_decode_with_and_without_overlap(tiny_llama, tmp
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["overlap"] is True and row["decode_tok_s"] > 0 and row["decode_tok_s_no_overlap"] > 0
     assert row["ttft_long_cached_plus_256_s"] > 0 and row["prefix_hit_tokens"] > 0
+    samples = row["ttft_long_cold_samples_s"]
+    assert len(samples) == gpu_decode.LONG_PROMPT_REPEATS and row["ttft_long_cold_s"] == statistics.median(samples)
 
 
 def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
