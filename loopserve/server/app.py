@@ -138,7 +138,7 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await _start_engine(client)
-        _ = state.prompt_encoder  # its probe encode runs now, not in the first chat request
+        state.warm_up()
         metrics.set_pool(client.ready.num_blocks)
         if client.stats is not None:
             metrics.on_stats(client.stats)

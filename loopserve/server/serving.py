@@ -61,6 +61,15 @@ class ServerState:
     def max_model_len(self) -> int:
         return self.client.max_model_len
 
+    def warm_up(self) -> None:
+        """What the first prompt would otherwise pay for: the segment encoder's probe, the longest
+        token's length (a walk over the vocabulary), the template's tools check."""
+        if self.tokenizer is None:
+            return
+        _ = self.prompt_encoder
+        self._chars_bound()
+        template_renders_tools(self.chat_template)
+
     @property
     def prompt_encoder(self) -> PromptEncoder:
         """Chat text to ids, reusing earlier prompts' segments (built on first use, or at start-up)."""
