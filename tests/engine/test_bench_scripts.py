@@ -194,3 +194,14 @@ def test_step_mix_counts_the_steps_graph_sets_could_serve(tmp_path):
     assert sum(row["prompt_steps_by_graph_set"].values()) + row["prompt_steps_eager"] == row["prompt_steps"] > 0
     assert sum(row["prompts_per_prompt_step"].values()) == row["prompt_steps"]
     assert [s["max_seqs"] for s in row["graph_sets"]] == [8, 256]
+
+
+def test_prompt_tokens_bench_checks_the_ids_and_reports_both_ways(tiny_llama, tmp_path):
+    from bench import prompt_tokens
+
+    out = tmp_path / "prompt-tokens.json"
+    prompt_tokens.main(["--model", str(tiny_llama), "--steps", "4", "--system-tokens", "200",
+                        "--tool-result-tokens", "40", "--rounds", "1", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["segmenting"] and row["turns"] == 4 and row["last_turn_tokens"] > row["first_turn_tokens"]
+    assert len(row["per_turn_ms_whole"]) == len(row["per_turn_ms_segments"]) == 4
