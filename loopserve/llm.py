@@ -10,6 +10,7 @@ from loopserve.config import (
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     DEFAULT_MODEL,
+    DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS,
     DEFAULT_SESSION_RETENTION_S,
     CacheConfig,
     EngineConfig,
@@ -43,7 +44,8 @@ class LLM:
                  speculative_config: dict | SpeculativeConfig | None = None,
                  attention_backend: str = "auto", enforce_eager: bool = False,
                  overlap_scheduling: bool | None = None, fused_decode_gemv: str = "auto",
-                 programmatic_dependent_launch: bool = True, mixed_step_graphs: bool = True) -> None:
+                 programmatic_dependent_launch: bool = True, mixed_step_graphs: bool = True,
+                 prompt_segment_cache_tokens: int = DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS) -> None:
         from loopserve.model import load_tokenizer
 
         config = EngineConfig(
@@ -63,7 +65,7 @@ class LLM:
         self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(tokenizer or self.engine.model_path)
         self._processor = OutputProcessor(self.tokenizer)
-        self._prompt_encoder = PromptEncoder(self.tokenizer)
+        self._prompt_encoder = PromptEncoder(self.tokenizer, prompt_segment_cache_tokens)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

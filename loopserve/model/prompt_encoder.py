@@ -20,8 +20,11 @@ cut at (`cut_tokens`) are chosen so that this holds whatever the text:
 - and none at all if any added token is `single_word`, or if special tokens are encoded as text.
 
 Each segment's ids are cached by its exact text (a dict compares whole keys), least recently used
-evicted first, bounded by their token count. A probe conversation is encoded both ways at start-up;
-any disagreement turns segmenting off for that tokenizer.
+evicted first, bounded by their token count (and their text's length). At start-up every cut token,
+alone in a short text and among the others in a longer one, is encoded both ways: any disagreement
+or error (a wrapper whose encode does more than its backend's, such as CodeLlama's infilling split
+at `<FILL_ME>`) turns segmenting off for that tokenizer. So does a backend set to truncate, pad or
+encode special tokens as text when a prompt comes (the wrapper sets those per call).
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ from dataclasses import dataclass
 from loopserve.config import DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS
 
 log = logging.getLogger(__name__)
+
+# The cache's text is bounded at this many characters per cached token id it may hold.
+CACHED_CHARS_PER_TOKEN = 16
+# Cut tokens put side by side in the start-up probe's longer text (each is also probed alone).
+PROBE_MIXED_TOKENS = 32
 
 
 @dataclass
@@ -50,17 +58,42 @@ def cut_tokens(backend) -> list[str]:
     if any(t.single_word for t in added):
         return []
     raw = [t for t in added if not t.normalized and t.content]
-    candidates = [t.content for t in raw if not t.lstrip and t.content == t.content.strip()]
+    by_first: dict[str, list[str]] = {}
+    for t in raw:
+        if not t.lstrip and t.content == t.content.strip():
+            by_first.setdefault(t.content[0], []).append(t.content)
+    # u is overlapped from the left when some t has, at an offset j, text that agrees with u's start:
+    # then t[j] is u's first character, so only the candidates starting with t[j] need comparing.
+    overlapped = set()
+    for t in raw:
+        text = t.content
+        for j in range(0 if t.lstrip else 1, len(text)):
+            for u in by_first.get(text[j], ()):
+                n = min(len(text) - j, len(u))
+                if text[j:j + n] == u[:n]:
+                    overlapped.add(u)
+    return sorted({u for group in by_first.values() for u in group} - overlapped, key=len, reverse=True)
 
-    def overlapped_from_left(u: str) -> bool:
-        for t in raw:
-            for j in range(0 if t.lstrip else 1, len(t.content)):
-                n = min(len(t.content) - j, len(u))
-                if t.content[j:j + n] == u[:n]:
-                    return True
-        return False
 
-    return sorted({u for u in candidates if not overlapped_from_left(u)}, key=len, reverse=True)
+def trie_pattern(words: list[str]) -> str:
+    """A regex matching the longest of `words` at a position, factored by common prefixes: one
+    character class test at positions where no word starts, whatever the number of words."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+
+    def pattern(node: dict) -> str:
+        branches = [re.escape(ch) + pattern(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        # Greedy: a longer word is tried before the one ending here, and the text fixes the trie path.
+        return f"(?:{body})?" if "" in node else body
+
+    return pattern(trie)
 
 
 class PromptEncoder:
@@ -71,27 +104,32 @@ class PromptEncoder:
     def __init__(self, tokenizer, max_cached_tokens: int = DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS) -> None:
         self.tokenizer = tokenizer
         self.max_cached_tokens = max_cached_tokens
-        self.stats = PromptEncoderStats()
+        self._max_cached_chars = max_cached_tokens * CACHED_CHARS_PER_TOKEN
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
-        self._cached_tokens = 0
+        self._cached_tokens = self._cached_chars = 0
+        self.stats = PromptEncoderStats()
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         cuts = cut_tokens(backend) if backend is not None and max_cached_tokens > 0 else []
         self._backend = backend
-        self._cut_at = re.compile("|".join(map(re.escape, cuts))) if cuts else None
-        if self._cut_at is not None and not self._agrees_on_probe(cuts):
+        self._cut_at = re.compile(trie_pattern(cuts)) if cuts else None
+        if self._cut_at is not None and not self._agrees_on_probes(cuts):
             log.warning("this tokenizer's encode differs from its segments' on a probe text: chat prompts are "
                         "tokenized whole")
             self._cut_at = None
-        self._cache.clear()  # of the probe's segments
-        self._cached_tokens = 0
+        self._cache.clear()  # the probes' segments and counts
+        self._cached_tokens = self._cached_chars = 0
         self.stats = PromptEncoderStats()
 
     @property
     def segmenting(self) -> bool:
         return self._cut_at is not None
 
+    def _backend_is_plain(self) -> bool:
+        b = self._backend
+        return b.truncation is None and b.padding is None and not b.encode_special_tokens
+
     def encode(self, text: str) -> list[int]:
-        if self._cut_at is None:
+        if self._cut_at is None or not self._backend_is_plain():
             ids = list(self.tokenizer.encode(text, add_special_tokens=False))
             self.stats.encoded_tokens += len(ids)
             return ids
@@ -113,17 +151,27 @@ class PromptEncoder:
             return cached
         ids = self._backend.encode(segment, add_special_tokens=False).ids
         self.stats.encoded_tokens += len(ids)
-        if len(ids) <= self.max_cached_tokens:
+        if len(ids) <= self.max_cached_tokens and len(segment) <= self._max_cached_chars:
             self._cache[segment] = ids
             self._cached_tokens += len(ids)
-            while self._cached_tokens > self.max_cached_tokens:
-                _, evicted = self._cache.popitem(last=False)
+            self._cached_chars += len(segment)
+            while self._cached_tokens > self.max_cached_tokens or self._cached_chars > self._max_cached_chars:
+                evicted_text, evicted = self._cache.popitem(last=False)
                 self._cached_tokens -= len(evicted)
+                self._cached_chars -= len(evicted_text)
         return ids
 
-    def _agrees_on_probe(self, cuts: list[str]) -> bool:
-        """Both ways agree on a text that puts every cut token against spaces, digits, newlines and
-        each other: a guard against a tokenizer wrapper whose encode does more than its backend's."""
+    def _agrees_on_probes(self, cuts: list[str]) -> bool:
+        """Both ways agree on each cut token alone in a short text, and on up to PROBE_MIXED_TOKENS of them
+        against spaces, digits, newlines and each other; an error either way counts as disagreeing."""
         pieces = ["", " ", "  x", "\n", "12 ", "é ", "a\n\n"]
-        probe = "".join(p + c + q for c in cuts for p in pieces for q in pieces[::-1]) + "tail 7"
-        return self.encode(probe) == list(self.tokenizer.encode(probe, add_special_tokens=False))
+        mixed = cuts[::max(1, len(cuts) // PROBE_MIXED_TOKENS)]
+        probes = [f"a {c}b\n1" for c in cuts]
+        probes.append("".join(p + c + q for c in mixed for p in pieces for q in pieces[::-1]) + "tail 7")
+        try:
+            return all(self.encode(p) == list(self.tokenizer.encode(p, add_special_tokens=False)) for p in probes)
+        except BaseException as e:  # tokenizers' Rust panics are BaseExceptions
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            log.warning("the prompt encoder's probe failed: %r", e)
+            return False

@@ -138,17 +138,19 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await _start_engine(client)
-        state.warm_up()
-        metrics.set_pool(client.ready.num_blocks)
-        if client.stats is not None:
-            metrics.on_stats(client.stats)
-        watchdog = asyncio.create_task(_watchdog(state))
-        log.info("serving %s (max_model_len %d)", name, client.max_model_len)
+        watchdog = None
         try:
+            state.warm_up()
+            metrics.set_pool(client.ready.num_blocks)
+            if client.stats is not None:
+                metrics.on_stats(client.stats)
+            watchdog = asyncio.create_task(_watchdog(state))
+            log.info("serving %s (max_model_len %d)", name, client.max_model_len)
             yield
         finally:
             state.draining = True
-            watchdog.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             await client.shutdown()
 
     app = FastAPI(title="loopserve", description="OpenAI-compatible LLM server", lifespan=lifespan)

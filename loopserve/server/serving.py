@@ -125,7 +125,9 @@ class ServerState:
                 self.metrics.chat_prompt_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
                 self.metrics.chat_prompt_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
             return ids
-        except Exception as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - tokenizers' Rust panics are BaseExceptions, and the input's
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise bad_request(f"cannot tokenize the {param}: {e}", param=param) from None
 
     @property

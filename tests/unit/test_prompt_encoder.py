@@ -7,7 +7,9 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from loopserve.model.prompt_encoder import PromptEncoder, cut_tokens
+import re
+
+from loopserve.model.prompt_encoder import PromptEncoder, cut_tokens, trie_pattern
 from tests.conftest import CORPUS, build_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -46,6 +48,7 @@ def digits_byte_level(extra: list[AddedToken]) -> PreTrainedTokenizerFast:
 
 FRAGMENTS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "im_end|>", "<", "|>", "<|", "<<|im_end|>",
              "<tool>", "<tool_call>", "</tool>", "[X]", "[X][Y]", "[Y]", "ool>", "</t", " [Z]", "[Z]",
+             "<|reserved_special_token_7|>", "<|reserved_special_token_77|>", "<|reserved_special_token_", "2|>",
              " ", "  ", "\n", "\n\n", "\t", " \n", "0", "42", " 7", "12345", "é", "e\u0301", "日本語", "🙂", "\u0338",
              "user", "assistant", "hello", " world", "{\"a\": [1, 2]}", "def f(x):", "    return x", "."]
 
@@ -78,6 +81,9 @@ TOKENIZERS = {
         AddedToken("</tool>", lstrip=True, normalized=False, special=True),
         AddedToken("ool>", normalized=False), AddedToken("</t", normalized=False), AddedToken(" [Z]", normalized=False)]),
     # "[X]" overlaps "[X][Y]" from the left and "<tool" overlaps "<tool_call>": no cut may fall at them.
+    # Llama 3's shape: hundreds of reserved special tokens sharing a long prefix.
+    "byte-level-reserved": lambda tmp_path: digits_byte_level([
+        AddedToken(f"<|reserved_special_token_{i}|>", normalized=False, special=True) for i in range(300)]),
     "digits-overlapping-added": lambda tmp_path: digits_byte_level([
         AddedToken("[X]", normalized=False), AddedToken("[X][Y]", normalized=False), AddedToken("[Y]", normalized=False),
         AddedToken("<tool>", normalized=False), AddedToken("<tool_call>", normalized=False),
@@ -195,3 +201,31 @@ def test_a_wrapper_whose_encode_does_more_than_its_backend_tokenizes_whole_texts
     assert not encoder.segmenting  # the start-up probe caught it
     text = "<|im_start|>user\n12 <|im_end|>\n"
     assert encoder.encode(text) == Rewriting().encode(text, add_special_tokens=False)
+
+
+def test_the_cut_pattern_takes_the_longest_token_at_each_place():
+    pattern = re.compile(trie_pattern(["<a>", "<a>b", "<ab>", "<abc>"]))
+    assert [m.group() for m in pattern.finditer("x<a>b<ab><a><abc<abc>")] == ["<a>b", "<ab>", "<a>", "<abc>"]
+
+
+def test_a_wrapper_that_fails_on_the_probe_tokenizes_whole_texts():
+    """CodeLlama's fast tokenizer splits its input at <FILL_ME> into exactly two parts (infilling), so
+    its encode raises on the probe; the encoder must not take the server down with it."""
+    from transformers.models.code_llama.tokenization_code_llama import CodeLlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in "▁abcdefghijklmnopqrstuvwxyz<>|_":
+        vocab.setdefault(ch, len(vocab))
+    tokenizer = CodeLlamaTokenizer(vocab=vocab, merges=[])
+    encoder = PromptEncoder(tokenizer)
+    assert not encoder.segmenting
+    assert encoder.encode("a b <s> c") == tokenizer.encode("a b <s> c", add_special_tokens=False)
+
+
+def test_a_backend_left_truncating_by_its_wrapper_makes_the_encoder_ask_the_wrapper(tmp_path):
+    tokenizer = byte_level(tmp_path)
+    encoder = PromptEncoder(tokenizer)
+    text = conversation_turns(tokenizer, turns=4)[-1]
+    tokenizer.backend_tokenizer.enable_truncation(8)  # what a wrapper call with truncation=True leaves
+    assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False)
+    assert len(encoder.encode(text)) > 8
