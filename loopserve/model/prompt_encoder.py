@@ -19,12 +19,16 @@ cut at (`cut_tokens`) are chosen so that this holds whatever the text:
   across the cut;
 - and none at all if any added token is `single_word`, or if special tokens are encoded as text.
 
+With special tokens added (a completions prompt), the ids are those the tokenizer adds before and
+after any text (BOS, ...), found on one word, around the segments' ids.
+
 Each segment's ids are cached by its exact text (a dict compares whole keys), least recently used
 evicted first, bounded by their token count (and their text's length). At start-up every cut token,
 alone in a short text and among the others in a longer one, is encoded both ways: any disagreement
 or error (a wrapper whose encode does more than its backend's, such as CodeLlama's infilling split
 at `<FILL_ME>`) turns segmenting off for that tokenizer. So does a backend set to truncate, pad or
-encode special tokens as text when a prompt comes (the wrapper sets those per call).
+encode special tokens as text when a prompt comes (the wrapper sets those per call). The probes run
+again with special tokens added; a difference there leaves only those prompts tokenized whole.
 """
 from __future__ import annotations
 
@@ -97,9 +101,9 @@ def trie_pattern(words: list[str]) -> str:
 
 
 class PromptEncoder:
-    """`encode(text)` gives `tokenizer.encode(text, add_special_tokens=False)`, reusing the ids of the
-    text's segments seen in earlier prompts. Slow tokenizers, and fast ones with nothing safe to cut
-    at, encode whole texts as before."""
+    """`encode(text, add_special_tokens)` gives `tokenizer.encode(text, add_special_tokens=...)`, reusing
+    the ids of the text's segments seen in earlier prompts. Slow tokenizers, and fast ones with nothing
+    safe to cut at, encode whole texts as before."""
 
     def __init__(self, tokenizer, max_cached_tokens: int = DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS) -> None:
         self.tokenizer = tokenizer
@@ -112,10 +116,19 @@ class PromptEncoder:
         cuts = cut_tokens(backend) if backend is not None and max_cached_tokens > 0 else []
         self._backend = backend
         self._cut_at = re.compile(trie_pattern(cuts)) if cuts else None
-        if self._cut_at is not None and not self._agrees_on_probes(cuts):
-            log.warning("this tokenizer's encode differs from its segments' on a probe text: chat prompts are "
-                        "tokenized whole")
-            self._cut_at = None
+        # The ids the tokenizer adds before and after a text when asked to (BOS, ...): None until found
+        # and checked, and then for good if they are not always the same.
+        self._added: tuple[list[int], list[int]] | None = None
+        if self._cut_at is not None:
+            probes = probe_texts(cuts)
+            if not self._agrees(probes, add_special_tokens=False):
+                log.warning("this tokenizer's encode differs from its segments' on a probe text: prompts are "
+                            "tokenized whole")
+                self._cut_at = None
+            else:
+                self._added = self._added_ids()
+                if self._added is not None and not self._agrees(probes, add_special_tokens=True):
+                    self._added = None
         self._cache.clear()  # the probes' segments and counts
         self._cached_tokens = self._cached_chars = 0
         self.stats = PromptEncoderStats()
@@ -128,12 +141,13 @@ class PromptEncoder:
         b = self._backend
         return b.truncation is None and b.padding is None and not b.encode_special_tokens
 
-    def encode(self, text: str) -> list[int]:
-        if self._cut_at is None or not self._backend_is_plain():
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        added = self._added if add_special_tokens else ([], [])
+        if self._cut_at is None or added is None or not self._backend_is_plain():
+            ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
             self.stats.encoded_tokens += len(ids)
             return ids
-        ids: list[int] = []
+        ids = list(added[0])
         start = 0
         for match in self._cut_at.finditer(text):
             if match.start() > start:
@@ -141,6 +155,7 @@ class PromptEncoder:
                 start = match.start()
         if start < len(text):
             ids.extend(self._segment(text[start:]))
+        ids.extend(added[1])
         return ids
 
     def _segment(self, segment: str) -> list[int]:
@@ -161,17 +176,35 @@ class PromptEncoder:
                 self._cached_chars -= len(evicted_text)
         return ids
 
-    def _agrees_on_probes(self, cuts: list[str]) -> bool:
-        """Both ways agree on each cut token alone in a short text, and on up to PROBE_MIXED_TOKENS of them
-        against spaces, digits, newlines and each other; an error either way counts as disagreeing."""
-        pieces = ["", " ", "  x", "\n", "12 ", "é ", "a\n\n"]
-        mixed = cuts[::max(1, len(cuts) // PROBE_MIXED_TOKENS)]
-        probes = [f"a {c}b\n1" for c in cuts]
-        probes.append("".join(p + c + q for c in mixed for p in pieces for q in pieces[::-1]) + "tail 7")
+    def _added_ids(self) -> tuple[list[int], list[int]] | None:
+        """What encoding a word with special tokens adds before and after its plain ids."""
         try:
-            return all(self.encode(p) == list(self.tokenizer.encode(p, add_special_tokens=False)) for p in probes)
+            plain = list(self.tokenizer.encode("a", add_special_tokens=False))
+            full = list(self.tokenizer.encode("a", add_special_tokens=True))
+        except Exception:  # noqa: BLE001 - then such prompts are tokenized whole
+            return None
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return None
+
+    def _agrees(self, probes: list[str], add_special_tokens: bool) -> bool:
+        """Both ways give the same ids for every probe; an error either way counts as disagreeing."""
+        try:
+            return all(self.encode(p, add_special_tokens) == list(self.tokenizer.encode(
+                p, add_special_tokens=add_special_tokens)) for p in probes)
         except BaseException as e:  # tokenizers' Rust panics are BaseExceptions
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             log.warning("the prompt encoder's probe failed: %r", e)
             return False
+
+
+def probe_texts(cuts: list[str]) -> list[str]:
+    """Each cut token alone in a short text (one at the very start too), and up to PROBE_MIXED_TOKENS of
+    them against spaces, digits, newlines and each other."""
+    pieces = ["", " ", "  x", "\n", "12 ", "é ", "a\n\n"]
+    mixed = cuts[::max(1, len(cuts) // PROBE_MIXED_TOKENS)]
+    probes = [f"a {c}b\n1" for c in cuts] + [cuts[0] + "x 1"]
+    probes.append("".join(p + c + q for c in mixed for p in pieces for q in pieces[::-1]) + "tail 7")
+    return probes

@@ -88,12 +88,12 @@ class ServerMetrics:
                                   registry=r)
         self.cow_tokens = Counter(PREFIX + "kv_cow_tokens", "Prompt tokens served by copy-on-write instead of "
                                   "recomputed.", registry=r)
-        self.chat_prompt_tokens = Counter(
-            PREFIX + "chat_prompt_tokens", "Token ids of chat prompts (and of /tokenize texts without special "
-            "tokens added), by where they came from: `segment_cache` (a segment an earlier prompt held, not "
-            "tokenized again) or `tokenizer`.", ["source"], registry=r)
+        self.prompt_text_tokens = Counter(
+            PREFIX + "prompt_text_tokens", "Token ids of prompt texts (chat, completions, /tokenize), by where they "
+            "came from: `segment_cache` (a segment an earlier prompt held, not tokenized again) or `tokenizer`.",
+            ["source"], registry=r)
         for source in ("segment_cache", "tokenizer"):
-            self.chat_prompt_tokens.labels(source=source)
+            self.prompt_text_tokens.labels(source=source)
         self._last: EngineStats | None = None
 
     # ---- RequestObserver -----------------------------------------------------------------------

@@ -116,14 +116,12 @@ class ServerState:
                               f"({len(text)} characters). Please reduce the length of the input.",
                               param=param, code="context_length_exceeded")
         try:
-            if add_special_tokens:
-                return list(self.tokenizer.encode(text, add_special_tokens=True))
             encoder = self.prompt_encoder
             reused, encoded = encoder.stats.reused_tokens, encoder.stats.encoded_tokens
-            ids = encoder.encode(text)
+            ids = encoder.encode(text, add_special_tokens)
             if self.metrics is not None:
-                self.metrics.chat_prompt_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
-                self.metrics.chat_prompt_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
+                self.metrics.prompt_text_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
+                self.metrics.prompt_text_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
             return ids
         except BaseException as e:  # noqa: BLE001 - tokenizers' Rust panics are BaseExceptions, and the input's
             if isinstance(e, (KeyboardInterrupt, SystemExit)):

@@ -178,7 +178,7 @@ def test_chat_ids_over_growing_turns_are_the_whole_texts_ids(server, tiny_llama)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
-    before = chat_prompt_tokens(server)
+    before = prompt_text_tokens(server)
     messages = [{"role": "system", "content": "You call tools: <|im_end|> is special, 12 345 digits."}]
     for turn in range(6):
         messages.append({"role": "user" if turn % 2 == 0 else "assistant",
@@ -186,15 +186,18 @@ def test_chat_ids_over_growing_turns_are_the_whole_texts_ids(server, tiny_llama)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         r = httpx.post(server.base_url + "/tokenize", json={"messages": messages}, headers=server.headers).json()
         assert r["tokens"] == tokenizer.encode(text, add_special_tokens=False)
-    after = chat_prompt_tokens(server)
+        # A completions prompt of the same text (special tokens added, as /v1/completions does).
+        r = httpx.post(server.base_url + "/tokenize", json={"prompt": text}, headers=server.headers).json()
+        assert r["tokens"] == tokenizer.encode(text, add_special_tokens=True)
+    after = prompt_text_tokens(server)
     reused, tokenized = (after[s] - before[s] for s in ("segment_cache", "tokenizer"))
     assert reused > tokenized > 0  # later turns took their history from the cache
 
 
-def chat_prompt_tokens(server) -> dict[str, float]:
+def prompt_text_tokens(server) -> dict[str, float]:
     text = httpx.get(server.base_url + "/metrics", headers=server.headers).text
     return {labels["source"]: value for name, labels, value in metric_samples(text)
-            if name == "loopserve:chat_prompt_tokens_total"}
+            if name == "loopserve:prompt_text_tokens_total"}
 
 
 def test_concurrent_streams_match_single_requests(server):

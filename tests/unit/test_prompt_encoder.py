@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import re
@@ -31,6 +31,9 @@ def metaspace_nfc(extra: list[AddedToken]) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Metaspace(prepend_scheme="first")
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS))
     tok.add_special_tokens(extra)
+    # Added around every text when asked for special tokens: a BOS before, an end token after.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|im_end|>", special_tokens=[("<|endoftext|>", 0), ("<|im_end|>", 2)])
     return _fast(tok)
 
 
@@ -98,7 +101,17 @@ def test_ids_equal_the_tokenizers_on_random_text(name, tmp_path):
     assert encoder.segmenting
     for text in random_texts(seed=len(name), n=400) * 2:  # the second pass reads segments from the cache
         assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False), text
+        assert encoder.encode(text, add_special_tokens=True) == tokenizer.encode(text, add_special_tokens=True), text
     assert encoder.stats.reused_tokens > 0
+    assert encoder._added is not None  # completions prompts are segmented too
+
+
+def test_special_tokens_added_around_a_text_are_found_once():
+    tokenizer = TOKENIZERS["metaspace-nfc-rstrip-lstrip"](None)
+    encoder = PromptEncoder(tokenizer)
+    assert encoder._added == ([0], [2])
+    text = "<|im_start|>user\nhi<|im_end|>\n"
+    assert encoder.encode(text, add_special_tokens=True) == [0, *encoder.encode(text), 2]
 
 
 def test_cut_tokens_leave_out_those_a_match_could_span():
@@ -185,6 +198,7 @@ def test_smollm2s_own_tokenizer_agrees_over_a_conversation():
     assert encoder.segmenting
     for text in conversation_turns(tokenizer, turns=16, seed=1) + random_texts(seed=9, n=200):
         assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False), text
+        assert encoder.encode(text, add_special_tokens=True) == tokenizer.encode(text, add_special_tokens=True), text
 
 
 def test_a_wrapper_whose_encode_does_more_than_its_backend_tokenizes_whole_texts(tmp_path):
