@@ -249,8 +249,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "the request sends no hint; 0 turns retention off "
                         f"(default: {ServerConfig.session_retention_s:g})")
     p.add_argument("--prompt-segment-cache-tokens", type=int, default=ServerConfig.prompt_segment_cache_tokens,
-                   metavar="N", help="chat prompts reuse the token ids of message segments earlier requests held, "
-                                     "up to N cached ids; 0 tokenizes every prompt whole "
+                   metavar="N", help="prompts reuse the token ids of segments (between the tokenizer's added "
+                                     "tokens, e.g. chat messages) that earlier requests held, up to N cached ids; "
+                                     "0 tokenizes every prompt whole "
                                      f"(default: {ServerConfig.prompt_segment_cache_tokens})")
     p.add_argument("--host-kv-cache-bytes", type=_parse_bytes, default=None,
                    help="host-memory tier for retained sessions' KV forced off the device, e.g. 8G "

@@ -319,7 +319,7 @@ class StepGraphSpec:
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_WAITING_REQUESTS = 256
-# Token ids of rendered chat segments kept for later turns (model/prompt_encoder.py): ~40 bytes a token.
+# Token ids of prompt segments kept for later turns (model/prompt_encoder.py): ~40 bytes a token.
 DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS = 1 << 20
 
 
@@ -339,5 +339,5 @@ class ServerConfig:
     reasoning_parser: str | None = None
     # Agent sessions: seconds a finished turn's KV stays pinned when the request gives no hint (0: off).
     session_retention_s: float = DEFAULT_SESSION_RETENTION_S
-    # Chat prompts reuse the token ids of message segments an earlier request held (0: tokenize whole texts).
+    # Prompts reuse the token ids of segments (chat messages) an earlier request held (0: tokenize whole texts).
     prompt_segment_cache_tokens: int = DEFAULT_PROMPT_SEGMENT_CACHE_TOKENS

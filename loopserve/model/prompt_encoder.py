@@ -1,7 +1,7 @@
-"""Rendered chat text to token ids, tokenizing only what an earlier prompt did not already hold.
+"""Prompt text to token ids, tokenizing only what an earlier prompt did not already hold.
 
-An agent re-sends its whole conversation every turn, and the rendered text of turn k + 1 repeats turn
-k's messages. Tokenizing it again cost ~8 ms per 6k tokens on the dev VM (SmolLM2's byte-level BPE),
+An agent re-sends its whole conversation every turn, and the rendered chat text of turn k + 1 repeats
+turn k's messages. Tokenizing it again cost ~8 ms per 6k tokens on the dev VM (SmolLM2's byte-level BPE),
 more than the engine's whole host work for such a turn, and it runs on the API server's event loop.
 
 A fast (Rust) tokenizer splits its input on its added tokens before anything else (normaliser,
