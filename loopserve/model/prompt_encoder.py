@@ -183,6 +183,8 @@ class PromptEncoder:
             full = list(self.tokenizer.encode("a", add_special_tokens=True))
         except Exception:  # noqa: BLE001 - then such prompts are tokenized whole
             return None
+        if not plain:  # the word must leave ids of its own to find them among the added ones
+            return None
         for i in range(len(full) - len(plain) + 1):
             if full[i:i + len(plain)] == plain:
                 return full[:i], full[i + len(plain):]

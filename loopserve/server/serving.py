@@ -72,7 +72,7 @@ class ServerState:
 
     @property
     def prompt_encoder(self) -> PromptEncoder:
-        """Chat text to ids, reusing earlier prompts' segments (built on first use, or at start-up)."""
+        """Prompt text to ids, reusing earlier prompts' segments (built at start-up, or on first use)."""
         if self._prompt_encoder is None or self._prompt_encoder.tokenizer is not self.tokenizer:
             self._prompt_encoder = PromptEncoder(self.tokenizer, self.config.prompt_segment_cache_tokens)
         return self._prompt_encoder
@@ -123,7 +123,7 @@ class ServerState:
                 self.metrics.prompt_text_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
                 self.metrics.prompt_text_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
             return ids
-        except BaseException as e:  # noqa: BLE001 - tokenizers' Rust panics are BaseExceptions, and the input's
+        except BaseException as e:  # noqa: BLE001 - what the text makes the tokenizer raise, its Rust panics too
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise bad_request(f"cannot tokenize the {param}: {e}", param=param) from None
