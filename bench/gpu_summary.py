@@ -147,11 +147,11 @@ def ceilings(rows: list[dict]) -> list[Ceiling]:
     return [ceiling(w, cfg, max(floor8["gemm_tflops"].values()), floor8["achieved_gb_s"]) for w in WORKLOADS]
 
 
-def ceiling_lines(rows: list[dict], found: list[Target]) -> list[str]:
+def ceiling_lines(found_ceilings: list[Ceiling], found: list[Target]) -> list[str]:
     """Each saturation ceiling beside its target and result, as shares of each."""
     by_workload = {"sharegpt": found[1], "random1000": found[2]}
     lines = []
-    for c in ceilings(rows):
+    for c in found_ceilings:
         t = by_workload[c.workload]
         shares = [f"target {t.target:.4g} is {100 * t.target / c.sequential:.0f} % / "
                   f"{100 * t.target / c.overlapped:.0f} % of them"]
@@ -193,13 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         verdict = {True: "MET", False: "missed", None: "no result"}[t.met]
         value = "-" if t.value is None else f"{t.value:.4g}"
         print(f"target  {t.name}: {value} against {'>=' if t.higher_is_better else '<='} {t.target:.4g}: {verdict}")
-    for line in ceiling_lines(rows, found):
+    found_ceilings = ceilings(rows)
+    for line in ceiling_lines(found_ceilings, found):
         print(line)
     device = next((r.get("device") for r in rows if r.get("device")), None)
     with path.open("a") as f:
         f.write(json.dumps({"mode": "targets", "device": device,
                             "targets": [{**asdict(t), "met": t.met} for t in found],
-                            "ceilings": [asdict(c) for c in ceilings(rows)]}) + "\n")
+                            "ceilings": [asdict(c) for c in found_ceilings]}) + "\n")
 
 
 if __name__ == "__main__":

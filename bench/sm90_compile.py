@@ -59,6 +59,16 @@ DECODE_POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr
 DECODE_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_btn", "stride_ad", "stride_sk", "stride_od")
 
 
+def decode_constexprs(block_n: int, prefetch: bool, pipeline: bool = False, rows: bool = False,
+                      rotary: bool = False) -> dict:
+    """The decode kernel's compile-time arguments on the 8B shape (GQA group 4, head_dim 128)."""
+    from loopserve.attention import triton_decode as td
+
+    return dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=block_n, DOT_PRECISION="tf32",
+                SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary, GDC=True, PREFETCH=prefetch,
+                PIPELINE=pipeline)
+
+
 def tuning_variants() -> list:
     """Zero-argument compiles of what the 8B shape's startup tuners first run: every GEMV tile with
     each prologue at one row (K = 4,096), and every decode tile of each regime."""
@@ -78,10 +88,7 @@ def tuning_variants() -> list:
     for regime, tiles in td._GPU_DECODE_CANDIDATES.items():
         for tile in tiles:
             jobs.append(lambda tile=tile, regime=regime: compile_for_hopper(
-                td._decode_kernel, DECODE_POINTERS,
-                dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile.block_n, DOT_PRECISION="tf32",
-                     SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=False, ROTARY=False, GDC=True, PREFETCH=regime == td.FEW,
-                     PIPELINE=tile.pipeline),
+                td._decode_kernel, DECODE_POINTERS, decode_constexprs(tile.block_n, regime == td.FEW, tile.pipeline),
                 floats=("qk_scale",), ones=DECODE_UNIT_STRIDES, num_warps=tile.num_warps,
                 num_stages=tile.num_stages))
     return jobs

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent('''
     import json, re, subprocess, sys, tempfile
-    from bench.sm90_compile import DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper
+    from bench.sm90_compile import DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper, decode_constexprs
     from loopserve.attention import triton_decode as td, triton_extend as te
     from loopserve.model import fused_ops as fo, gemv
     from loopserve.runner import argmax, step_inputs
@@ -88,10 +88,7 @@ CHILD = textwrap.dedent('''
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):
         build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,
-              DECODE_POINTERS,
-              dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32",
-                   SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=rows, ROTARY=rotary, GDC=True,
-                   PREFETCH=prefetch, PIPELINE=False),
+              DECODE_POINTERS, decode_constexprs(td.BLOCK_N, prefetch, rows=rows, rotary=rotary),
               floats=("qk_scale",), num_warps=4,
               ones=DECODE_UNIT_STRIDES)
     # Every tile the startup tuner may pick for the decode kernel (runner/decode_tuning.py), in the
@@ -101,9 +98,7 @@ CHILD = textwrap.dedent('''
             for rotary in ((False, True) if regime == td.FEW else (False,)):
                 build(f"decode-tuned-{regime}-{tile}-rotary{int(rotary)}", td._decode_kernel,
                       DECODE_POINTERS,
-                      dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=tile.block_n,
-                           DOT_PRECISION="tf32", SPLIT_PAD=td.MAX_SPLITS, HAS_ROWS=False, ROTARY=rotary, GDC=True,
-                           PREFETCH=regime == td.FEW, PIPELINE=tile.pipeline),
+                      decode_constexprs(tile.block_n, regime == td.FEW, tile.pipeline, rotary=rotary),
                       floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages,
                       ones=DECODE_UNIT_STRIDES)
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
