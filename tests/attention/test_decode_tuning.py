@@ -21,10 +21,13 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
 
 
-def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monkeypatch):
+def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monkeypatch, device):
     """Every candidate tile attends the tuning shapes alike (batch 1, and a batch large enough for a
     many-programs grid); each regime keeps the one the timer ranks first; decode steps then launch with
     the kept tiles and give the torch reference's tokens."""
+    if device == "cuda":
+        pytest.skip("fp32 on a GPU times its one default tile, so there is no choice to check here; the "
+                    "interpreter runs this test, and test_engine_tunes_*_on_a_gpu the GPU's tuning")
     from loopserve import device_caps
     from loopserve.attention import triton_decode
     from loopserve.runner import decode_tuning

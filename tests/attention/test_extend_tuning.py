@@ -24,10 +24,13 @@ def _tokens(llm, prompts=PROMPTS):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
 
-def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monkeypatch):
+def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monkeypatch, device):
     """Every candidate tile attends the tuning shapes alike; each regime keeps the one the timer ranks
     first; prompts then attend with the kept tiles (short launches with SHORT's) and give the torch
     reference's tokens."""
+    if device == "cuda":
+        pytest.skip("fp32 on a GPU times its one default tile, so there is no choice to check here; the "
+                    "interpreter runs this test, and test_engine_tunes_*_on_a_gpu the GPU's tuning")
     ref = _tokens(make_llm(attention_backend="torch", enforce_eager=True))
     ref_short = _tokens(make_llm(attention_backend="torch", enforce_eager=True), SHORT_PROMPTS)
     llm = make_llm(attention_backend="triton", enforce_eager=True)

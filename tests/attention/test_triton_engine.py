@@ -193,10 +193,11 @@ def test_cuda_graph_prefill_equals_eager(make_llm):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_mixed_steps_equal_eager(make_llm):
-    """Ten sequences with a small token budget: steps of more than 8 sequences, decodes beside prompt
-    chunks, replay the mixed-step graphs (the second set) and give the eager engine's tokens."""
+    """Twelve 5-token prompts and a 24-token budget: the second and third steps hold 9 and 12
+    sequences, decodes beside up to 4 prompt chunks, which only the mixed-step graphs (the second set)
+    hold; they replay and give the eager engine's tokens."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    prompts = _prompts() + [{"prompt_token_ids": [t + 1 for t in p["prompt_token_ids"]]} for p in _prompts()]
+    prompts = [{"prompt_token_ids": [3 + 7 * i + j for j in range(5)]} for i in range(12)]
     kw = dict(max_num_batched_tokens=24, max_num_seqs=16)
     eager = make_llm(enforce_eager=True, **kw).generate(prompts, params)
     llm = make_llm(enforce_eager=False, **kw)

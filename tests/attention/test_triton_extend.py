@@ -12,6 +12,9 @@ from loopserve.attention.triton_extend import _launch, paged_extend_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# The narrowest key tile a test launches: 8 keys sit between the tested cache block sizes (4 and 16)
+# in the interpreter; on a GPU, tl.dot needs K >= 16, and the P.V product's K is BLOCK_N.
+NARROW_BLOCK_N = 8 if DEVICE.type == "cpu" else 16
 
 # (cached prefix, new tokens) per sequence: pure prefills (one not a multiple of any tile, one of a
 # single token), extends over prefixes of various lengths, and decode rows.
@@ -155,7 +158,7 @@ def test_gqa_packed_tiles(hq, hkv, num_splits):
     without key-range splits, and single-token rows skipped on request."""
     from loopserve.attention.triton_extend import FEW, MANY, ExtendTile
 
-    packed = ExtendTile(16, 8, 1, 1, pack_gqa=True)
+    packed = ExtendTile(16, NARROW_BLOCK_N, 1, 1, pack_gqa=True)
     tiles = {FEW: packed, MANY: packed}
     batch = make_batch(MIXED, hq, hkv, 16, 4, torch.float32, seed=hq * 7 + num_splits)
     check(batch, paged_extend_attention(**batch, num_splits=num_splits, tiles=tiles), torch.float32)
@@ -174,16 +177,18 @@ def test_gqa_packed_tiles(hq, hkv, num_splits):
     ([(7, 13)], 12, 2, False),                # 7 packed programs would be more than 6 heads
 ])
 def test_short_extends_pack_the_gqa_group(spec, hq, hkv, packed, monkeypatch):
-    """Fewer new tokens than the tile has rows (BLOCK_M = 16 in the interpreter): the launch packs
-    the query-head group into the rows, whatever tile it was given, where that takes fewer programs
-    than there are query heads; the result is the reference's."""
+    """Fewer new tokens than the tile has rows (BLOCK_M = 16 here): the launch packs the query-head
+    group into the rows, whatever tile it was given, where that takes fewer programs than there are
+    query heads; the result is the reference's."""
     from loopserve.attention import triton_extend
+    from loopserve.attention.triton_extend import FEW, MANY, SHORT, ExtendTile
 
     launched = []
     orig = triton_extend._launch
     monkeypatch.setattr(triton_extend, "_launch", lambda *a, **kw: launched.append(a[15]) or orig(*a, **kw))
     batch = make_batch(spec, hq, hkv, 16, 4, torch.float32, seed=41)
-    check(batch, paged_extend_attention(**batch), torch.float32)
+    tile = ExtendTile(16, NARROW_BLOCK_N, 1, 1)  # the interpreter's default; a GPU's fp32 one is 32 rows
+    check(batch, paged_extend_attention(**batch, tiles={FEW: tile, MANY: tile, SHORT: tile}), torch.float32)
     assert launched == [packed]
 
 
@@ -265,6 +270,24 @@ def test_default_tiles_gpu(dtype):
     # D=128 picks a different tile config than the matrix above.
     batch = make_batch(MIXED, 8, 2, 128, 16, dtype, seed=11)
     check(batch, paged_extend_attention(**batch), dtype)
+
+
+# The interpreter's candidates are one list for both regimes.
+@pytest.mark.parametrize("regime", ["few", "many"] if DEVICE.type == "cuda" else ["few"])
+@pytest.mark.parametrize("d", [64, 128] if DEVICE.type == "cuda" else [16])
+def test_every_candidate_tile_attends_as_the_reference(regime, d):
+    """Each tile the startup tuner may keep (bf16 on a GPU; the interpreter's fp32 ones on CPU) gives
+    the reference on a mixed batch, under whatever splits and GQA packing its launch picks."""
+    from loopserve.attention.triton_extend import FEW, MANY, SHORT, candidate_extend_tiles
+
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    tiles = candidate_extend_tiles(FEW if regime == "few" else MANY, d, dtype, DEVICE)
+    assert len(tiles) > 1
+    batch = make_batch(MIXED, 8, 2, d, 16, dtype, seed=d + len(regime))
+    for tile in tiles:
+        out = paged_extend_attention(**batch, tiles={FEW: tile, MANY: tile, SHORT: tile})
+        torch.testing.assert_close(out.float(), reference(**batch), atol=ATOL[dtype], rtol=0,
+                                   msg=lambda m: f"{tile}: {m}")
 
 
 @cuda_only

@@ -32,9 +32,11 @@ def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, 
     real_candidates = gemv.candidate_tiles
     monkeypatch.setattr("loopserve.runner.gemv_tuning.candidate_tiles",
                         lambda n, device: real_candidates(n, device) + [broken])
-    runnable = real_candidates(8, torch.device("cpu")) + [gemv.CUBLAS]
+    roles = model.model.layers[0].gemv_roles
+    runnable = {role: real_candidates(roles[role][0].weight.shape[0], llm.engine.runner.device) + [gemv.CUBLAS]
+                for role in ROLES}
     # Role i's fastest is candidate (-1 - i): cuBLAS for qkv, tiles for the others.
-    want = {role: runnable[-1 - i] for i, role in enumerate(ROLES)}
+    want = {role: runnable[role][-1 - i] for i, role in enumerate(ROLES)}
     seen = []
 
     def time_fn(fns):
@@ -48,9 +50,9 @@ def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, 
 
     timings = tune_gemv_choices(model, time_fn)
     assert list(timings) == ROLES and model.gemv_choices == want
-    assert seen == [len(runnable)] * 4  # the broken tile never reached the timer
+    assert seen == [len(runnable[role]) for role in ROLES]  # the broken tile never reached the timer
     for role, t in timings.items():
-        assert list(t.ms) == [str(c) for c in runnable] and t.chosen == want[role]
+        assert list(t.ms) == [str(c) for c in runnable[role]] and t.chosen == want[role]
         assert t.ms[str(t.chosen)] == min(t.ms.values())
     assert _tokens(llm) == ref
 
