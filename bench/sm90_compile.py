@@ -69,6 +69,23 @@ def decode_constexprs(block_n: int, prefetch: bool, pipeline: bool = False, rows
                 PIPELINE=pipeline)
 
 
+def gemv_launch(tile, prologue: str, rows: int, k: int = 4096) -> tuple[dict, dict, int]:
+    """(pointer types, compile-time arguments, warps) of the fused GEMV as fused_gemv launches `tile`
+    at `rows` rows of K = k with a prologue ("none", "norm" or "silu"; a residual add unless "norm")."""
+    import triton
+
+    from loopserve.model import gemv
+
+    block_n, block_k, warps = gemv.launch_shape(tile, rows, k)
+    split = tile.split_k > 1
+    pointers = {**dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
+                "PART": "*fp32" if split else "*bf16", "TICKET": "*i32" if split else "*bf16"}
+    constexprs = dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
+                      BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
+                      NORM_BLOCK=gemv.norm_block(rows, k, warps), GDC=True, SPLIT_K=tile.split_k)
+    return pointers, constexprs, warps
+
+
 def tuning_variants() -> list:
     """Zero-argument compiles of what the 8B shape's startup tuners first run: every GEMV tile with
     each prologue at one row (K = 4,096), and every decode tile of each regime."""
@@ -78,13 +95,9 @@ def tuning_variants() -> list:
     jobs = []
     for tile in gemv.GPU_CANDIDATE_TILES:
         for prologue in ("none", "norm", "silu"):
-            block_n, block_k, warps = gemv.launch_shape(tile, 1, 4096)
-            jobs.append(lambda block_n=block_n, block_k=block_k, warps=warps, prologue=prologue: compile_for_hopper(
-                gemv._gemv_kernel, dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
-                dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
-                     BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, NORM_BLOCK=gemv.norm_block(1, 4096, warps),
-                     GDC=True),
-                floats=("eps",), num_warps=warps, num_stages=1))
+            pointers, constexprs, warps = gemv_launch(tile, prologue, 1)
+            jobs.append(lambda pointers=pointers, constexprs=constexprs, warps=warps: compile_for_hopper(
+                gemv._gemv_kernel, pointers, constexprs, floats=("eps",), num_warps=warps, num_stages=1))
     for regime, tiles in td._GPU_DECODE_CANDIDATES.items():
         for tile in tiles:
             jobs.append(lambda tile=tile, regime=regime: compile_for_hopper(

@@ -18,7 +18,7 @@ from torch import nn
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
 from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
-from loopserve.model.gemv import GemvChoice, gemv_by
+from loopserve.model.gemv import GemvChoice, GemvWorkspace, gemv_by, gemv_workspace
 
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
@@ -195,18 +195,20 @@ class DecoderLayer(nn.Module):
                 "down": (mlp.down_proj, dict(silu_mul=True), True)}
 
     def forward_fused(self, hs: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding",
-                      batch: ForwardBatch, pdl: bool = True, choices: dict[str, GemvChoice] | None = None
-                      ) -> torch.Tensor:
+                      batch: ForwardBatch, pdl: bool = True, choices: dict[str, GemvChoice] | None = None,
+                      workspace: GemvWorkspace | None = None) -> torch.Tensor:
         """The same layer for a few rows, on the hidden state itself (residual stream materialised):
         five kernels, four GEMVs with the norms, the SiLU-mul and the residual adds inside them
         (model/gemv.py) and the attention. choices: role -> a GemvTile, or CUBLAS for a role that
-        runs faster as cuBLAS and separate kernels (the startup tuner's picks)."""
+        runs faster as cuBLAS and separate kernels (the startup tuner's picks); workspace: the
+        forward's split-K scratch (gemv_workspace), where a choice splits K."""
         roles = self.gemv_roles
         choices = choices or {}
 
         def gemv(role: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             linear, prologue, _ = roles[role]
-            return gemv_by(choices.get(role), x, linear.weight, linear.bias, residual=residual, pdl=pdl, **prologue)
+            return gemv_by(choices.get(role), x, linear.weight, linear.bias, residual=residual, pdl=pdl,
+                           workspace=workspace, **prologue)
 
         o = self.self_attn.attend_qkv(gemv("qkv", hs), positions, rotary, batch)
         hs = gemv("o", o, hs)
@@ -256,8 +258,12 @@ class CausalLM(nn.Module):
         8B model that skips ~1/32 of a long prompt's linear FLOPs (~3.2 TFLOP at 8k tokens)."""
         h = self.model.embed_tokens(input_ids)
         if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
+            roles = self.model.layers[0].gemv_roles
+            workspace = gemv_workspace([(self.gemv_choices.get(role), linear.weight.shape[0])
+                                        for role, (linear, _, _) in roles.items()], input_ids.shape[0], h.device)
             for layer in self.model.layers:
-                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_choices)
+                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_choices,
+                                        workspace)
             h = self.model.norm(h)
             return h if out_rows is None else h.index_select(0, out_rows)
         residual = None

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from loopserve.model.gemv import CUBLAS, GemvChoice, candidate_tiles, gemv_by
+from loopserve.model.gemv import CUBLAS, GemvChoice, candidate_tiles, gemv_by, gemv_workspace
 from loopserve.runner.tuning import TimeFn, Tuned, chosen, described, fastest, time_in_graphs
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ def tune_gemv_choices(model: torch.nn.Module, time_fn: TimeFn = time_in_graphs) 
 
         def chain(choice: GemvChoice) -> torch.Tensor:
             y = None
+            workspace = gemv_workspace([(choice, n)], 1, weight.device)  # one a chain, as one a forward
             for lin, pro, _ in calls:
-                y = gemv_by(choice, x, lin.weight, lin.bias, residual=residual, pdl=model.use_pdl, **pro)
+                y = gemv_by(choice, x, lin.weight, lin.bias, residual=residual, pdl=model.use_pdl,
+                            workspace=workspace, **pro)
             return y
 
         tuned = fastest([*candidate_tiles(n, weight.device), CUBLAS], chain, time_fn, f"GEMV {role} ({n} x {k})",

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent('''
     import json, re, subprocess, sys, tempfile
-    from bench.sm90_compile import DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper, decode_constexprs
+    from bench.sm90_compile import (DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper, decode_constexprs,
+                                    gemv_launch)
     from loopserve.attention import triton_decode as td, triton_extend as te
     from loopserve.model import fused_ops as fo, gemv
     from loopserve.runner import argmax, step_inputs
@@ -107,12 +108,8 @@ CHILD = textwrap.dedent('''
     for tile in gemv.GPU_CANDIDATE_TILES:
         for prologue in ("none", "norm", "silu"):
             for rows in (1, 4):
-                block_n, block_k, warps = gemv.launch_shape(tile, rows, 4096)
-                build(f"gemv-{tile}-{prologue}-m{rows}", gemv._gemv_kernel,
-                      dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
-                      dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False,
-                           HAS_RES=prologue != "norm", BLOCK_M=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-                           NORM_BLOCK=gemv.norm_block(rows, 4096, warps), GDC=True),
+                pointers, constexprs, warps = gemv_launch(tile, prologue, rows)
+                build(f"gemv-{tile}-{prologue}-m{rows}", gemv._gemv_kernel, pointers, constexprs,
                       floats=("eps",), num_warps=warps, num_stages=1)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),

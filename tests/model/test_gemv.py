@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
 
-from loopserve.model.gemv import (MAX_GEMV_ROWS, GemvTile, candidate_tiles, fused_gemv, gemv_torch,  # noqa: E402
-                                  launch_shape, norm_block)
+from loopserve.model.gemv import (MAX_GEMV_ROWS, SPLIT_K_CANDIDATE_TILES, GemvTile, candidate_tiles,  # noqa: E402
+                                  fused_gemv, gemv_torch, gemv_workspace, launch_shape, norm_block)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -93,6 +93,56 @@ def test_every_candidate_tile_matches(kind, m, k):
         torch.testing.assert_close(fused_gemv(x, w, tile=tile, **kw), want, atol=2e-5, rtol=2e-5, msg=str(tile))
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 7], ids=["split2", "split3", "more-splits-than-tiles"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_split_k_matches_and_leaves_its_tickets_zero(split_k, m):
+    """K divided among programs (5 K tiles of 16 at K = 70: uneven shares, and with 7 splits some
+    empty): the separate ops' result with every prologue and epilogue, through one workspace shared by
+    launches of different shapes in turn (as a forward's layers share it), whose ticket counters every
+    launch leaves zero; and the same result as the unsplit tile, whichever split finishes last."""
+    k = 70
+    tile = GemvTile(8, 16 * rounded_rows(m), 1, split_k)
+    cases = []
+    for n, kind in ((45, "norm_bias"), (19, "silu_residual"), (45, "plain")):
+        silu = kind.startswith("silu")
+        x, w, gen = _inputs(m, n, k, torch.float32, silu, seed=n + split_k)
+        kw = {}
+        if kind.startswith("norm"):
+            kw.update(norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE), eps=1e-5)
+        if silu:
+            kw.update(silu_mul=True, residual=torch.randn(m, n, generator=gen).to(DEVICE))
+        bias = torch.randn(n, generator=gen).to(DEVICE) if "bias" in kind else None
+        cases.append((n, x, w, bias, kw))
+    workspace = gemv_workspace([(tile, n) for n, *_ in cases], m, DEVICE)
+    assert workspace.partials.numel() == split_k * m * 45 and workspace.tickets.numel() == 6
+    for n, x, w, bias, kw in cases:
+        got = fused_gemv(x, w, bias, tile=tile, workspace=workspace, **kw)
+        torch.testing.assert_close(got, gemv_torch(x, w, bias, **kw), atol=2e-5, rtol=2e-5)
+        unsplit = fused_gemv(x, w, bias, tile=GemvTile(8, tile.block_k, 1), **kw)
+        torch.testing.assert_close(got, unsplit, atol=1e-6, rtol=1e-6)
+        assert (workspace.tickets == 0).all()
+    # Without a workspace the call makes its own.
+    n, x, w, bias, kw = cases[0]
+    torch.testing.assert_close(fused_gemv(x, w, bias, tile=tile, **kw), gemv_torch(x, w, bias, **kw),
+                               atol=2e-5, rtol=2e-5)
+
+
+def rounded_rows(m: int) -> int:
+    """Rows as a launch rounds them (a tile's block_k is divided by this)."""
+    return 1 << (m - 1).bit_length()
+
+
+def test_a_workspace_only_where_a_choice_splits_k():
+    from loopserve.model.gemv import CUBLAS
+
+    plain = [(GemvTile(8, 16, 1), 100), (CUBLAS, 300), (None, 50)]
+    assert gemv_workspace(plain, 4, DEVICE) is None
+    ws = gemv_workspace(plain + [(GemvTile(4, 16, 1, 3), 20), (GemvTile(8, 16, 1, 2), 64)], 2, DEVICE)
+    assert ws.partials.dtype == torch.float32 and ws.partials.numel() == max(3 * 2 * 20, 2 * 2 * 64)
+    assert ws.tickets.dtype == torch.int32 and ws.tickets.tolist() == [0] * 8  # 64 / 8 > 20 / 4
+    assert ws.holds(GemvTile(8, 16, 1, 2), 2, 64) and not ws.holds(GemvTile(4, 16, 1, 2), 2, 64)
+
+
 def test_strided_rows_and_refusals():
     x, w, _ = _inputs(2, 16, 32, torch.float32, False, seed=0)
     wide = torch.zeros(2, 48, device=DEVICE)
@@ -106,15 +156,17 @@ def test_strided_rows_and_refusals():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and the 8B shapes need a GPU")
+@pytest.mark.parametrize("tile", [None, *SPLIT_K_CANDIDATE_TILES], ids=str)
 @pytest.mark.parametrize("m", [1, 4])
-def test_8b_shapes_bf16_gpu(m):
+def test_8b_shapes_bf16_gpu(m, tile):
+    """The default tile and the split-K candidates at the 8B roles' shapes."""
     for n, k, kw in ((6144, 4096, "norm"), (4096, 4096, "residual"), (28672, 4096, "norm"), (4096, 14336, "silu")):
         x, w, gen = _inputs(m, n, k, torch.bfloat16, kw == "silu", seed=n)
         extra = {"norm": dict(norm_weight=torch.ones(k, device=DEVICE, dtype=torch.bfloat16), eps=1e-5),
                  "silu": dict(silu_mul=True),
                  "residual": dict(residual=torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16))}[kw]
-        torch.testing.assert_close(fused_gemv(x, w, **extra).float(), gemv_torch(x, w, **extra).float(),
-                                   atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(fused_gemv(x, w, tile=tile, **extra).float(),
+                                   gemv_torch(x, w, **extra).float(), atol=3e-2, rtol=3e-2)
 
 
 def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
