@@ -45,18 +45,23 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 B8=bench/configs/llama-3.1-8b.json
 B135=bench/configs/smollm2-135m.json
 # step TIMEOUT CMD...: CMD under its timeout, cut to the budget left (SECONDS: bash's seconds since start).
+# Each step's start is logged as "[+Ns]" (to the script's own stderr, fd 3, past the steps' pipes), so a
+# log shows what each took.
+exec 3>&2
 step() {
   local t=$1 left=$((budget - SECONDS))
   shift
   if [ "$left" -lt 10 ]; then echo "   skipped: the ${budget} s budget is spent"; return 0; fi
+  echo "   [+${SECONDS}s]" >&3
   timeout $((t < left ? t : left)) "$@"
 }
 g() { step "$1" python -m bench.gpu_decode "${@:2}" --out "$out" 2>&1 | tail -3; }
 
 if part tests; then
 echo "== GPU tests"
-# xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over cores.
-step 180 python -m pytest -q -p no:cacheprovider -n 8 --device cuda tests/model/test_fused_ops.py tests/attention \
+# xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over
+# cores: 12 of the machine's 16 (8 took 148 s on an H100 for 474 tests in the fourteenth session).
+step 180 python -m pytest -q -p no:cacheprovider -n 12 --device cuda tests/model/test_fused_ops.py tests/attention \
   tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_argmax.py \
   tests/unit/test_step_inputs.py tests/unit/test_tuning.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
