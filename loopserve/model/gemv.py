@@ -211,7 +211,7 @@ class GemvWorkspace:
                 and self.tickets.numel() >= triton.cdiv(n, tile.block_n))
 
 
-def gemv_workspace(launches: list[tuple["GemvChoice | None", int]], m: int,
+def gemv_workspace(launches: list[tuple[GemvChoice | None, int]], m: int,
                    device: torch.device) -> GemvWorkspace | None:
     """The workspace for launches of (choice, N) at up to m rows, or None where none splits K. One per
     forward: a graph captures the ticket counters' zeroing once, and every launch leaves them zero."""

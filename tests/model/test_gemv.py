@@ -3,7 +3,7 @@ decode forwards. Without CUDA the kernel runs in Triton's interpreter on CPU ten
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
+triton = pytest.importorskip("triton", reason="triton is not installed: the kernel cannot run")
 
 from loopserve.model.gemv import (MAX_GEMV_ROWS, SPLIT_K_CANDIDATE_TILES, GemvTile, candidate_tiles,  # noqa: E402
                                   fused_gemv, gemv_torch, gemv_workspace, launch_shape, norm_block)
@@ -101,7 +101,7 @@ def test_split_k_matches_and_leaves_its_tickets_zero(split_k, m):
     launches of different shapes in turn (as a forward's layers share it), whose ticket counters every
     launch leaves zero; and the same result as the unsplit tile, whichever split finishes last."""
     k = 70
-    tile = GemvTile(8, 16 * rounded_rows(m), 1, split_k)
+    tile = GemvTile(8, 16 * triton.next_power_of_2(m), 1, split_k)  # 16 K columns a tile at m rows
     cases = []
     for n, kind in ((45, "norm_bias"), (19, "silu_residual"), (45, "plain")):
         silu = kind.startswith("silu")
@@ -125,11 +125,6 @@ def test_split_k_matches_and_leaves_its_tickets_zero(split_k, m):
     n, x, w, bias, kw = cases[0]
     torch.testing.assert_close(fused_gemv(x, w, bias, tile=tile, **kw), gemv_torch(x, w, bias, **kw),
                                atol=2e-5, rtol=2e-5)
-
-
-def rounded_rows(m: int) -> int:
-    """Rows as a launch rounds them (a tile's block_k is divided by this)."""
-    return 1 << (m - 1).bit_length()
 
 
 def test_a_workspace_only_where_a_choice_splits_k():
