@@ -71,16 +71,19 @@ def decode_constexprs(block_n: int, prefetch: bool, pipeline: bool = False, rows
 
 def gemv_launch(tile, prologue: str, rows: int, k: int = 4096) -> tuple[dict, dict, int]:
     """(pointer types, compile-time arguments, warps) of the fused GEMV as fused_gemv launches `tile`
-    at `rows` rows of K = k with a prologue ("none", "norm" or "silu"; a residual add unless "norm")."""
+    at `rows` rows of K = k with a prologue ("none", "norm" or "silu"; a residual add unless "norm"),
+    or as the logits GEMV ("logits": the norm, fp32 output, no residual)."""
     import triton
 
     from loopserve.model import gemv
 
     block_n, block_k, warps = gemv.launch_shape(tile, rows, k)
     split = tile.split_k > 1
-    pointers = {**dict.fromkeys(["X", "W", "BIAS", "RES", "NW", "Y"], "*bf16"),
+    norm = prologue in ("norm", "logits")
+    pointers = {**dict.fromkeys(["X", "W", "BIAS", "RES", "NW"], "*bf16"),
+                "Y": "*fp32" if prologue == "logits" else "*bf16",
                 "PART": "*fp32" if split else "*bf16", "TICKET": "*i32" if split else "*bf16"}
-    constexprs = dict(NORM=prologue == "norm", SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=prologue != "norm",
+    constexprs = dict(NORM=norm, SILU=prologue == "silu", HAS_BIAS=False, HAS_RES=not norm,
                       BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
                       NORM_BLOCK=gemv.norm_block(rows, k, warps), GDC=True, SPLIT_K=tile.split_k)
     return pointers, constexprs, warps

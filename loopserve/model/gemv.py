@@ -41,16 +41,19 @@ MAX_GEMV_ROWS = 4
 
 def unfused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
-                 residual: torch.Tensor | None = None, use_triton: bool | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                 use_triton: bool | None = None) -> torch.Tensor:
     """What the kernel fuses, one op at a time in the model's order and precision: the prologue as its
-    own kernel (fused_ops: Triton on a GPU), cuBLAS, the residual add. use_triton=False: the torch
-    reference throughout."""
+    own kernel (fused_ops: Triton on a GPU), cuBLAS, the residual add, the cast to out_dtype (if
+    given). use_triton=False: the torch reference throughout."""
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps, use_triton=use_triton)
     if silu_mul:
         x = silu_and_mul(x, use_triton=use_triton)
     y = F.linear(x, weight, bias)
-    return y if residual is None else y + residual
+    if residual is not None:
+        y = y + residual
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gemv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **kw) -> torch.Tensor:
@@ -78,7 +81,8 @@ if HAS_TRITON:
     @triton.jit
     def _store_y(acc, BIAS, RES, Y, offs_m, offs_n, n_ok, mask, stride_rm, stride_ym, act: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-        """The epilogue: bias, rounding, the residual add, the store."""
+        """The epilogue: bias, rounding to the activation dtype, the residual add, the store (which
+        casts to Y's dtype: the logits GEMV writes fp32)."""
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(act)
@@ -110,7 +114,7 @@ if HAS_TRITON:
             k_hi = K
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = W + offs_n[:, None].to(tl.int64) * stride_wn
-        act = Y.dtype.element_ty
+        act = X.dtype.element_ty
         # Two weight tiles are in flight at a time: a tile's loads are issued an iteration before it is
         # used (Triton does not pipeline loads that feed no dot). Both of the first two come before the
         # wait: no kernel of a step writes weights, so under programmatic dependent launch they stream
@@ -309,12 +313,14 @@ def norm_block(m: int, k: int, num_warps: int) -> int:
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                norm_weight: torch.Tensor | None = None, eps: float = 0.0, silu_mul: bool = False,
                residual: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None,
                tile: GemvTile | None = None, pdl: bool = True, workspace: GemvWorkspace | None = None
                ) -> torch.Tensor:
     """x [M <= 4, K] (or [M, 2K] with silu_mul), weight [N, K] (nn.Linear's) -> [M, N] in x's dtype.
     norm_weight: RMSNorm x first (eps); silu_mul: x is [gate | up], use silu(gate) * up; residual
-    [M, N]: added to the rounded product. Not both norm and silu. tile: the program's share instead of
-    default_tile (runner/gemv_tuning.py times candidates at startup). pdl: launch with programmatic
+    [M, N]: added to the rounded product. Not both norm and silu. out_dtype: the result, rounded to
+    x's dtype as ever, stored as this one (fp32 logits without a cast kernel). tile: the program's
+    share instead of default_tile (runner/gemv_tuning.py times candidates at startup). pdl: launch with programmatic
     dependent launch where the device supports it (device_caps.pdl_supported). workspace: a split-K
     tile's scratch (gemv_workspace; one is made for the call where none is given)."""
     assert not (norm_weight is not None and silu_mul), "one prologue at most"
@@ -324,7 +330,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     m = x.shape[0]
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k), f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}"
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return y
     if residual is not None:

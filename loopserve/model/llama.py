@@ -20,6 +20,9 @@ from loopserve.config import ModelConfig
 from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
 from loopserve.model.gemv import GemvChoice, GemvWorkspace, gemv_by, gemv_workspace
 
+# The GEMV role (CausalLM.gemv_choices) of forward_logits' last kernel: final RMSNorm, lm_head and fp32 logits.
+LOGITS_ROLE = "lm_head"
+
 # Rope variants we implement; `freq_factors` is internal (GGUF files store Llama-3 scaling as a
 # precomputed per-frequency divisor tensor instead of the formula's parameters).
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
@@ -256,27 +259,54 @@ class CausalLM(nn.Module):
         o_proj, MLP and the final norm for those rows only: in a prefill only the rows that are sampled
         need a hidden state (one of an 8k-token prompt), while every row's K/V is still written. On an
         8B model that skips ~1/32 of a long prompt's linear FLOPs (~3.2 TFLOP at 8k tokens)."""
-        h = self.model.embed_tokens(input_ids)
-        if 0 < input_ids.shape[0] <= self.fused_gemv_rows:
-            roles = self.model.layers[0].gemv_roles
-            workspace = gemv_workspace([(self.gemv_choices.get(role), linear.weight.shape[0])
-                                        for role, (linear, _, _) in roles.items()], input_ids.shape[0], h.device)
-            for layer in self.model.layers:
-                h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_choices,
-                                        workspace)
-            h = self.model.norm(h)
+        if self._takes_fused_layers(input_ids):
+            h = self.model.norm(self._fused_layers(input_ids, positions, batch))
             return h if out_rows is None else h.index_select(0, out_rows)
+        h = self.model.embed_tokens(input_ids)
         residual = None
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             h, residual = layer(h, residual, positions, self.rotary, batch, out_rows if i == last else None)
         return self.model.norm(h, residual)[0]
 
+    def _takes_fused_layers(self, input_ids: torch.Tensor) -> bool:
+        return 0 < input_ids.shape[0] <= self.fused_gemv_rows
+
+    def _fused_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The decoder layers' fused small-batch path (DecoderLayer.forward_fused): the hidden state
+        before the final norm."""
+        h = self.model.embed_tokens(input_ids)
+        roles = self.model.layers[0].gemv_roles
+        workspace = gemv_workspace([(self.gemv_choices.get(role), linear.weight.shape[0])
+                                    for role, (linear, _, _) in roles.items()], input_ids.shape[0], h.device)
+        for layer in self.model.layers:
+            h = layer.forward_fused(h, positions, self.rotary, batch, self.use_pdl, self.gemv_choices, workspace)
+        return h
+
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fp32 logits [T, vocab] of every row: compute_logits(forward(...)), except that a forward the
+        fused layers take ends in one GEMV (the LOGITS_ROLE) doing the final RMSNorm, the lm_head and
+        the fp32 store, where three kernels would each wait for the last: a decode step's tail."""
+        if not self._takes_fused_layers(input_ids):
+            return self.compute_logits(self.forward(input_ids, positions, batch))
+        weight, prologue = self.logits_gemv
+        return gemv_by(self.gemv_choices.get(LOGITS_ROLE), self._fused_layers(input_ids, positions, batch), weight,
+                       pdl=self.use_pdl, **prologue)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def logits_gemv(self) -> tuple[torch.Tensor, dict]:
+        """forward_logits' last GEMV: (its weight, the prologue and output keywords of gemv_by)."""
+        norm = self.model.norm
+        return self.lm_head_weight, dict(norm_weight=norm.weight, eps=norm.eps, out_dtype=torch.float32)
+
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab], into `out` when given (the cast to fp32 is a
         copy either way: a CUDA graph can make it into a buffer it shares with other graphs)."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = F.linear(hidden, self.lm_head_weight)
         return logits.float() if out is None else out.copy_(logits)
 
     # ---- weights -------------------------------------------------------------------------------

@@ -144,8 +144,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits [b, vocab] and their greedy argmax [b]."""
-        hidden = self.model(self.input_ids[:b], self.positions[:b], self._batch(b))
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.forward_logits(self.input_ids[:b], self.positions[:b], self._batch(b))
         return logits, greedy_argmax(logits)
 
     def capture(self) -> None:

@@ -287,11 +287,12 @@ class ModelRunner:
         if graphs is not None:
             logits = graphs.run(input_ids, positions, meta, logits_rows)
             return (logits, sampling) if sampling else (None, [])
-        # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward. A pure
-        # decode step samples every row in order, so it selects nothing.
+        batch = ForwardBatch(meta, self.kv_caches, self.backend)
         with _sdpa_without_cudnn(self.device):
-            hidden = self.model(input_ids, positions, ForwardBatch(meta, self.kv_caches, self.backend),
-                                out_rows=None if every_row else logits_rows)
+            if every_row:  # a pure decode step samples every row, in order
+                return self.model.forward_logits(input_ids, positions, batch), sampling
+            # Only the logits rows' hidden states (none for a mid-prompt chunk): see CausalLM.forward.
+            hidden = self.model(input_ids, positions, batch, out_rows=logits_rows)
         if not sampling:
             return None, []
         return self.model.compute_logits(hidden), sampling

@@ -104,9 +104,10 @@ CHILD = textwrap.dedent('''
                       ones=DECODE_UNIT_STRIDES)
     build("extend-merge", te._merge_splits_kernel, {"acc_ptr": "*fp32", "stat_ptr": "*fp32", "out_ptr": "*bf16"},
           dict(HEAD_DIM=128, SPLIT_PAD=8), num_warps=4, ones=("stride_ad", "stride_sk", "stride_od"))
-    # Every tile the startup tuner may pick, as launched at 1 and 4 rows (8B shapes: K = 4,096).
+    # Every tile the startup tuner may pick, as launched at 1 and 4 rows (8B shapes: K = 4,096), the
+    # logits GEMV (fp32 output) included.
     for tile in gemv.GPU_CANDIDATE_TILES:
-        for prologue in ("none", "norm", "silu"):
+        for prologue in ("none", "norm", "silu", "logits"):
             for rows in (1, 4):
                 pointers, constexprs, warps = gemv_launch(tile, prologue, rows)
                 build(f"gemv-{tile}-{prologue}-m{rows}", gemv._gemv_kernel, pointers, constexprs,

@@ -40,6 +40,23 @@ def test_matches_separate_ops(kind, m, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=ATOL[dtype], rtol=ATOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_fp32_output_rounds_as_the_cast_after_the_separate_ops(m, dtype):
+    """out_dtype=fp32 (the logits GEMV: final RMSNorm, lm_head, fp32 logits): the product is rounded to
+    the activation dtype first, so it is the separate ops' result cast afterwards, not a wider one."""
+    n, k = 53, 70
+    x, w, gen = _inputs(m, n, k, dtype, False, seed=m + 40)
+    kw = dict(norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype), eps=1e-5,
+              out_dtype=torch.float32)
+    got = fused_gemv(x, w, **kw)
+    want = gemv_torch(x, w, **kw)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=ATOL[dtype])
+    # Every value is one the activation dtype holds: rounded before the fp32 store.
+    assert torch.equal(got, got.to(dtype).float())
+
+
 def test_norm_over_a_row_wider_than_one_pre_pass_load():
     """The RMSNorm pre-pass loads as many columns as the registers allow; wider rows take several
     loads, and the last is masked."""
@@ -175,7 +192,9 @@ def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
     from loopserve.model import gemv
 
     calls = []
-    monkeypatch.setattr(gemv, "fused_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or fused_gemv(x, *a, **kw))
+    monkeypatch.setattr(gemv, "fused_gemv",
+                        lambda x, w, *a, **kw: calls.append((x.shape[0], w.shape[0], kw.get("out_dtype")))
+                        or fused_gemv(x, w, *a, **kw))
     llm = make_llm(enforce_eager=True, fused_decode_gemv="on")
     assert llm.engine.model.fused_gemv_rows == MAX_GEMV_ROWS
     got = llm.generate(prompts, params)
@@ -183,7 +202,11 @@ def test_fused_decode_layers_give_the_same_tokens(make_llm, monkeypatch):
     lone = [{"prompt_token_ids": [90, 91, 92]}]  # not in the prefix cache
     got += llm.generate(lone, params)
     ref += make_llm(enforce_eager=True).generate(lone, params)
-    assert {1, 3, 4} <= set(calls)
+    assert {1, 3, 4} <= {rows for rows, _, _ in calls}
+    # Decode steps end in the logits GEMV (final norm, lm_head, fp32 logits); a prefill, whose logits
+    # are one row's of several, in cuBLAS.
+    vocab = llm.engine.model.lm_head_weight.shape[0]
+    assert {rows for rows, n, out in calls if n == vocab and out == torch.float32} == {1, 4}
     for a, b in zip(got, ref):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):

@@ -7,10 +7,11 @@ pytest.importorskip("triton", reason="triton is not installed: the kernel cannot
 
 from loopserve import SamplingParams  # noqa: E402
 from loopserve.model import gemv  # noqa: E402
+from loopserve.model.llama import LOGITS_ROLE  # noqa: E402
 from loopserve.runner.gemv_tuning import tune_gemv_choices  # noqa: E402
 from tests.conftest import host_round_trips_refused  # noqa: E402
 
-ROLES = ["qkv", "o", "gate_up", "down"]
+ROLES = ["qkv", "o", "gate_up", "down", LOGITS_ROLE]
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 30)))]
 
 
@@ -20,9 +21,10 @@ def _tokens(llm):
 
 
 def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, monkeypatch):
-    """Every candidate (the tiles and cuBLAS) runs each role's chain (one GEMV per layer) and gives
-    the same result; the role keeps the one the timer ranks first, a tile the compiler rejects is left
-    out, and decoding with a mix of tiles and cuBLAS roles gives the untuned tokens."""
+    """Every candidate (the tiles and cuBLAS) runs each role's chain (one GEMV per layer; the logits
+    role's one GEMV) and gives the same result; the role keeps the one the timer ranks first, a tile the
+    compiler rejects is left out, and decoding with a mix of tiles and cuBLAS roles gives the untuned
+    tokens."""
     ref = _tokens(make_llm(enforce_eager=True))
     llm = make_llm(enforce_eager=True, fused_decode_gemv="on")
     model = llm.engine.model
@@ -33,7 +35,9 @@ def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, 
     monkeypatch.setattr("loopserve.runner.gemv_tuning.candidate_tiles",
                         lambda n, device: real_candidates(n, device) + [broken])
     roles = model.model.layers[0].gemv_roles
-    runnable = {role: real_candidates(roles[role][0].weight.shape[0], llm.engine.runner.device) + [gemv.CUBLAS]
+    out_features = {**{role: roles[role][0].weight.shape[0] for role in ROLES[:-1]},
+                    LOGITS_ROLE: model.lm_head_weight.shape[0]}
+    runnable = {role: real_candidates(out_features[role], llm.engine.runner.device) + [gemv.CUBLAS]
                 for role in ROLES}
     # Role i's fastest is candidate (-1 - i): cuBLAS for qkv, tiles for the others.
     want = {role: runnable[role][-1 - i] for i, role in enumerate(ROLES)}
