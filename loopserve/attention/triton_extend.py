@@ -256,10 +256,15 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 # latency-bound walk. 64 x 64 at 4 warps fits two an SM (80 KB, ~200 registers a thread): its per_sm=2
 # twin splits such a launch's key ranges two ways, so each SM runs two shorter walks at once.
 # Packing the GQA group changes neither the programs' count nor their reads at >= BLOCK_M new tokens,
-# and launches with fewer pack anyway: no packed candidates.
+# and launches with fewer pack anyway: no packed candidates. The fourteenth session's H100 run timed
+# the split twin fastest (0.143 ms a layer, against 0.21 unsplit) and the one-CTA-an-SM 8-warp tiles
+# slowest: more independent CTAs an SM hide each walk's load latency. 64 x 32 at 4 warps goes one
+# further: 150 registers a thread and 48 KB of shared memory split (ptxas, sm_90) fit three an SM,
+# so its per_sm=3 splits such a launch three ways (not measured yet).
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
-          ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2)),
+          ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2),
+          ExtendTile(64, 32, 4, 2, per_sm=3)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
            ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2)),
 }
