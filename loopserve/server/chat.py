@@ -21,15 +21,15 @@ from loopserve.server.protocol import (
 from loopserve.server.serving import (
     FINGERPRINT,
     SSE_DONE,
+    ChunkFormat,
     EventStreamResponse,
     Prompt,
     ServerState,
+    final_outputs,
     generation_error,
-    sse,
     sse_error,
     stream_outputs,
     until_disconnect,
-    usage_chunk,
 )
 from loopserve.server.sessions import SessionRef
 from loopserve.server.tooling import ChoiceStream, ToolPlan, final_message, plan_tools
@@ -72,20 +72,12 @@ def chat_response(request_id: str, model: str, created: int, result: RequestOutp
 
 async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: Prompt, params, request_id: str,
                       created: int, k: int | None, plan: ToolPlan, session: SessionRef | None) -> AsyncIterator[bytes]:
-    include_usage = body.include_usage()
-
-    def chunk(choices: list[dict]) -> bytes:
-        obj = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-               "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            obj["usage"] = None
-        return sse(obj)
-
+    chunks = ChunkFormat(request_id, "chat.completion.chunk", created, state.model_name, body.include_usage())
     result: RequestOutput | None = None
     streams = [ChoiceStream(plan, state.config.reasoning_parser) for _ in range(params.n)]
     async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt, session)) as updates:
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            yield chunks.choices([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
         try:
             async for _, update in updates:
@@ -106,17 +98,16 @@ async def chat_events(state: ServerState, body: ChatCompletionRequest, prompt: P
                               "finish_reason": finish_reason}
                     if finish_reason is not None:
                         choice["stop_reason"] = d.stop_reason
-                    yield chunk([choice])
+                    yield chunks.choices([choice])
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             yield sse_error(e)
             yield SSE_DONE
             return
     if session is not None and result is not None:
         state.sessions.finish(session.id, prompt.token_ids, result.outputs[0].token_ids)
-    if include_usage and result is not None:
+    if chunks.include_usage and result is not None:
         completion = sum(len(o.token_ids) for o in result.outputs)
-        yield usage_chunk(request_id, "chat.completion.chunk", created, state.model_name,
-                          len(result.prompt_token_ids), completion, result.num_cached_tokens)
+        yield chunks.usage(len(result.prompt_token_ids), completion, result.num_cached_tokens)
     yield SSE_DONE
 
 
@@ -152,12 +143,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return EventStreamResponse(chat_events(state, body, prompt, params, request_id, created, k, plan, session))
 
     async def work():
-        result = None
         try:
-            async with aclosing(stream_outputs(state.client, [prompt], params, request_id, body.cache_salt,
-                                               session)) as ups:
-                async for _, update in ups:
-                    result = update.output
+            [result] = await final_outputs(state.client, [prompt], params, request_id, body.cache_salt, session)
         except Exception as e:  # noqa: BLE001
             return generation_error(e).response()
         if session is not None:

@@ -23,15 +23,15 @@ from loopserve.server.protocol import (
 from loopserve.server.serving import (
     FINGERPRINT,
     SSE_DONE,
+    ChunkFormat,
     EventStreamResponse,
     Prompt,
     ServerState,
+    final_outputs,
     generation_error,
-    sse,
     sse_error,
     stream_outputs,
     until_disconnect,
-    usage_chunk,
 )
 from loopserve.server.sessions import SessionRef
 
@@ -128,15 +128,8 @@ def completion_response(state: ServerState, request_id: str, created: int, promp
 async def completion_events(state: ServerState, body: CompletionRequest, prompts: list[Prompt],
                             params: SamplingParams, request_id: str, created: int, k: int | None,
                             session: SessionRef | None = None) -> AsyncIterator[bytes]:
-    include_usage = body.include_usage()
+    chunks = ChunkFormat(request_id, "text_completion", created, state.model_name, body.include_usage())
     n = params.n
-
-    def chunk(choices: list[dict]) -> bytes:
-        obj = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-               "system_fingerprint": FINGERPRINT, "choices": choices}
-        if include_usage:
-            obj["usage"] = None
-        return sse(obj)
 
     builders: dict[int, LogprobsBuilder] = {}
     results: dict[int, RequestOutput] = {}
@@ -150,7 +143,7 @@ async def completion_events(state: ServerState, body: CompletionRequest, prompts
                     if k is not None:
                         builders[i * n + j] = LogprobsBuilder(k)
                         logprobs = builders[i * n + j].prompt(state.tokenizer, p.token_ids)
-                    yield chunk([{"index": i * n + j, "text": text, "logprobs": logprobs, "finish_reason": None}])
+                    yield chunks.choices([{"index": i * n + j, "text": text, "logprobs": logprobs, "finish_reason": None}])
         try:
             async for i, update in updates:
                 results[i] = update.output
@@ -164,17 +157,16 @@ async def completion_events(state: ServerState, body: CompletionRequest, prompts
                     choice = {"index": index, "text": d.text, "logprobs": logprobs, "finish_reason": d.finish_reason}
                     if d.finish_reason is not None:
                         choice["stop_reason"] = d.stop_reason
-                    yield chunk([choice])
+                    yield chunks.choices([choice])
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
             yield sse_error(e)
             yield SSE_DONE
             return
-    if include_usage:
+    if chunks.include_usage:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         completion_tokens = sum(len(o.token_ids) for r in results.values() for o in r.outputs)
         cached = sum(r.num_cached_tokens for r in results.values())
-        yield usage_chunk(request_id, "text_completion", created, state.model_name, prompt_tokens, completion_tokens,
-                          cached)
+        yield chunks.usage(prompt_tokens, completion_tokens, cached)
     yield SSE_DONE
 
 
@@ -201,15 +193,10 @@ async def create_completion(body: CompletionRequest, request: Request):
         return EventStreamResponse(completion_events(state, body, prompts, params, request_id, created, k, session))
 
     async def work():
-        results: dict[int, RequestOutput] = {}
         try:
-            async with aclosing(stream_outputs(state.client, prompts, params, request_id, body.cache_salt,
-                                               session)) as ups:
-                async for i, update in ups:
-                    results[i] = update.output
+            results = await final_outputs(state.client, prompts, params, request_id, body.cache_salt, session)
         except Exception as e:  # noqa: BLE001
             return generation_error(e).response()
-        ordered = [results[i] for i in range(len(prompts))]
-        return JSONResponse(completion_response(state, request_id, created, prompts, ordered, body, k, params.n))
+        return JSONResponse(completion_response(state, request_id, created, prompts, results, body, k, params.n))
 
     return await until_disconnect(request, work())

@@ -17,6 +17,7 @@ from loopserve.config import ServerConfig
 from loopserve.engine.client import AsyncEngineClient, EngineDeadError
 from loopserve.engine.output_processor import StreamUpdate
 from loopserve.model.prompt_encoder import PromptEncoder
+from loopserve.outputs import RequestOutput
 from loopserve.sampling_params import SamplingParams
 from loopserve.server.errors import APIError, bad_request, error_body
 from loopserve.server.protocol import ChatMessage, usage
@@ -248,6 +249,16 @@ async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], param
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def final_outputs(client: AsyncEngineClient, prompts: list[Prompt], params: SamplingParams, request_id: str,
+                        cache_salt: str | None = None, session: SessionRef | None = None) -> list[RequestOutput]:
+    """Each prompt's final output, in prompt order (a response that does not stream)."""
+    results: dict[int, RequestOutput] = {}
+    async with aclosing(stream_outputs(client, prompts, params, request_id, cache_salt, session)) as updates:
+        async for i, update in updates:
+            results[i] = update.output
+    return [results[i] for i in range(len(prompts))]
+
+
 def generation_error(e: Exception) -> APIError:
     """Map what the engine client raises while generating to an API error."""
     if isinstance(e, APIError):
@@ -265,12 +276,28 @@ def generation_error(e: Exception) -> APIError:
 FINGERPRINT = "loopserve"
 
 
-def usage_chunk(request_id: str, obj: str, created: int, model: str, prompt_tokens: int, completion_tokens: int,
-                cached_tokens: int) -> bytes:
-    """The final `stream_options.include_usage` chunk: no choices, just usage."""
-    return sse({"id": request_id, "object": obj, "created": created, "model": model,
-                "system_fingerprint": FINGERPRINT, "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
+@dataclass(frozen=True)
+class ChunkFormat:
+    """The chunks of one streamed response, each naming it (id, object, created, model)."""
+    request_id: str
+    obj: str
+    created: int
+    model: str
+    include_usage: bool  # stream_options.include_usage: every chunk has a usage field, the last one's set
+
+    def _head(self, choices: list[dict]) -> dict:
+        return {"id": self.request_id, "object": self.obj, "created": self.created, "model": self.model,
+                "system_fingerprint": FINGERPRINT, "choices": choices}
+
+    def choices(self, choices: list[dict]) -> bytes:
+        body = self._head(choices)
+        if self.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> bytes:
+        """The final include_usage chunk: no choices, just usage."""
+        return sse({**self._head([]), "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
 
 def sse(obj: Any) -> bytes:
