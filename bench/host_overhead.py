@@ -9,10 +9,15 @@ size, synchronous and overlapped, so it can be set against the device step times
 
   python -m bench.host_overhead --batch 1 16 64 256 --out bench/results/host-overhead.json
 
+--gc instead times a full garbage collection in a process holding a built engine (B = the first --batch
+sequences' worth of KV blocks), before and after engine/process.py freezes the startup heap, as the
+engine's own process does: the pause a full collection puts into a step.
+
 --prefix-turn N instead times an agent turn's host work: a request whose first N tokens are cached plus
 256 new ones, from add_request until its first token (admission, prefix lookup, scheduling, the step's
-inputs, sampling), with the block-digest memo warm (an earlier turn sent the same prefix) and cleared
-(every block hashed again, the cost before the memo), alternating, median of --rounds each.
+inputs, sampling), median of --rounds each of three ways, alternating: as served (the previous turn's
+digests taken at once, engine/kv_cache.py HashedRun), with only the block-digest memo (a dict hit a
+block), and with neither (every block hashed again).
 """
 from __future__ import annotations
 
@@ -89,16 +94,45 @@ def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
         return time.perf_counter() - t0
 
     turn("cache-the-prefix", [5] * 256)
-    times: dict[str, list[float]] = {"warm": [], "cold": []}
+    times: dict[str, list[float]] = {"served": [], "memo": [], "cleared": []}
     for r in range(rounds):
-        for mode in ("warm", "cold"):
-            if mode == "cold":
+        for mode in times:
+            if mode != "served":
+                core.kv._runs.clear()
+                core.kv._run_tokens = 0
+            if mode == "cleared":
                 core.kv._digests.clear()
             times[mode].append(turn(f"{mode}{r}", [1 + (r * 31 + j * 3) % (vocab - 2) for j in range(256)]))
     assert core.kv.stats.hit_tokens >= prefix_len  # the turns did hit the cached prefix
     return {"prefix_len": prefix_len, "new_tokens": 256,
-            "turn_ms_memo_warm": statistics.median(times["warm"]) * 1e3,
-            "turn_ms_memo_cleared": statistics.median(times["cold"]) * 1e3}
+            "turn_ms_served": statistics.median(times["served"]) * 1e3,
+            "turn_ms_memo_only": statistics.median(times["memo"]) * 1e3,
+            "turn_ms_nothing_reused": statistics.median(times["cleared"]) * 1e3}
+
+
+def full_collection_ms(config: Path, batch: int, rounds: int) -> dict:
+    """Milliseconds of gc.collect() (best of rounds) with an engine built, then after freezing its heap."""
+    import gc
+
+    from loopserve.engine.process import freeze_startup_heap
+
+    core = make_core(config, batch, True, min(8192, json.loads(config.read_text())["max_position_embeddings"]))
+    tracked = len(gc.get_objects())
+
+    def best() -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            gc.collect()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    before = best()
+    freeze_startup_heap()
+    after = best()
+    gc.unfreeze()
+    return {"tracked_objects": tracked, "kv_blocks": core.kv.num_blocks, "full_collection_ms": before,
+            "full_collection_ms_frozen": after}
 
 
 def main(argv=None) -> None:
@@ -109,9 +143,18 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefix-turn", type=int, metavar="N", help="time a turn over N cached tokens instead")
+    ap.add_argument("--gc", action="store_true", help="time a full garbage collection instead")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.gc:
+        result = {"bench": "host_overhead_gc", "config": args.config.name, "rounds": args.rounds,
+                  "python": platform.python_version(), "machine": platform.machine(),
+                  **full_collection_ms(args.config, args.batch[0], args.rounds)}
+        print(json.dumps(result), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     if args.prefix_turn:
         result = {"bench": "host_overhead_prefix_turn", "config": args.config.name, "rounds": args.rounds,
                   "python": platform.python_version(), "machine": platform.machine(),

@@ -173,6 +173,26 @@ def test_block_ids_follow_growth_truncation_and_free():
     assert not kv.allocate(req, 16 * BS + 1) and kv.block_ids("a") == []  # too big: nothing held
 
 
+def _digests(tokens, salt=None, n=None):
+    """hash_block's chain over the first n full blocks of tokens."""
+    from loopserve.engine.kv_cache import hash_block
+
+    parent, out = None, []
+    for i in range(len(tokens) // BS if n is None else n):
+        parent = hash_block(parent, tuple(tokens[i * BS:(i + 1) * BS]), salt if i == 0 else None)
+        out.append(parent)
+    return out
+
+
+class _CountingDict(dict):
+    """The digest memo, counting its lookups."""
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
 def test_block_digests_are_memoised_exactly_and_bounded():
     """A later turn re-sending the conversation reuses the earlier turn's block digests (no blake2b),
     and they are exactly hash_block's; the memo never outgrows the pool."""
@@ -180,27 +200,87 @@ def test_block_digests_are_memoised_exactly_and_bounded():
 
     kv = KVCacheManager(1024, BS)
     first = make_req("a", list(range(40)), salt="s")
-    kv.find_cached_prefix(first)
+    kv._update_hashes(first, 40)
     calls = []
     real = kv_cache.hash_block
     kv_cache.hash_block = lambda *a: calls.append(a) or real(*a)
     try:
-        # The first turn hashed 9 blocks (its last token is never served from cache): 3 more now.
         later = make_req("b", list(range(40)) + [7] * 9, salt="s")
-        kv.find_cached_prefix(later)
+        kv._update_hashes(later, 49)  # 12 full blocks: the first turn hashed 10
     finally:
         kv_cache.hash_block = real
-    assert len(calls) == 3
-    parent, want = None, []
-    for i in range(12):
-        parent = real(parent, tuple(later.all_token_ids[i * BS:(i + 1) * BS]), "s" if i == 0 else None)
-        want.append(parent)
-    assert later.block_hashes == want
+    assert len(calls) == 2
+    assert later.block_hashes == _digests(later.all_token_ids, "s")
     other_salt = make_req("c", list(range(40)), salt="t")
-    kv.find_cached_prefix(other_salt)
+    kv._update_hashes(other_salt, 4)
     assert other_salt.block_hashes[0] != first.block_hashes[0]
 
     small = KVCacheManager(4, BS)
     for i in range(5):
-        small.find_cached_prefix(make_req(f"r{i}", list(range(i * 1000, i * 1000 + 4 * 400))))
+        small._update_hashes(make_req(f"r{i}", list(range(i * 1000, i * 1000 + 4 * 400))), 4 * 400)
         assert len(small._digests) <= small._max_digests
+
+
+def test_lookup_hashes_only_as_far_as_it_hits():
+    """A cold prompt's blocks are not hashed before its first chunk: the lookup stops at the first
+    block it misses, and caching the computed blocks hashes the rest. A lookup that hits hashes ahead
+    in batches of as many blocks as it has found."""
+    kv = KVCacheManager(64, BS)
+    cold = make_req("a", list(range(40)))
+    assert kv.find_cached_prefix(cold) == [] and len(cold.block_hashes) == 1
+    run_prefill(kv, cold)
+    assert cold.block_hashes == _digests(cold.all_token_ids)
+    turn = make_req("b", list(range(40)) + [9] * 12)
+    assert len(kv.find_cached_prefix(turn)) == 10
+    # Batches of 1, 1, 2, 4, then the 4 blocks left before the last token's: every one it may look up.
+    assert turn.block_hashes == _digests(turn.all_token_ids, n=12)
+
+
+def test_a_turn_takes_the_digests_its_previous_turn_hashed():
+    """A finished request's hashed blocks stay with their digests (by session and first block): the
+    next request over the same conversation takes the digests of every block it shares with it at
+    once, a diverging one only those before it diverges, and each gets exactly hash_block's chain. A
+    request of another session or cache salt takes none."""
+    kv = KVCacheManager(64, BS)
+    a = make_req("a", list(range(40)))
+    run_prefill(kv, a)
+    kv.free(a)
+    kv._digests = memo = _CountingDict(kv._digests)
+    b = make_req("b", list(range(40)) + [9] * 9)
+    assert len(kv.find_cached_prefix(b)) == 10
+    assert memo.lookups == 3  # the first block, then the two past the conversation (the batch after ten)
+    assert b.block_hashes == _digests(b.all_token_ids, n=12)
+
+    c = make_req("c", list(range(24)) + [5] * 20)  # diverges in the seventh block
+    memo.lookups = 0
+    assert len(kv.find_cached_prefix(c)) == 6
+    assert memo.lookups == 5 and c.block_hashes == _digests(c.all_token_ids, n=10)  # 1, then blocks 6-9
+
+    session = Request("d", list(range(40)) + [9] * 9, SamplingParams(max_tokens=8), max_model_len=1024,
+                      session_id="s1")
+    memo.lookups = 0
+    assert len(kv.find_cached_prefix(session)) == 10  # the blocks are cached all the same
+    assert memo.lookups == 12 and session.block_hashes == _digests(session.all_token_ids, n=12)
+    salted = make_req("e", list(range(40)) + [9] * 9, salt="t")
+    assert kv.find_cached_prefix(salted) == [] and salted.block_hashes == _digests(salted.all_token_ids, "t", n=1)
+
+
+def test_remembered_runs_are_bounded():
+    """Finished requests' runs hold at most max(the pool's tokens, RUN_COMPARE_BLOCKS blocks), the
+    oldest going first, and one a key (a session's or first block's latest)."""
+    from loopserve.engine.kv_cache import RUN_COMPARE_BLOCKS
+
+    kv = KVCacheManager(8, BS)
+    bound = max(8 * BS, RUN_COMPARE_BLOCKS * BS)
+    keys = []
+    for i in range(2 * bound // 16):
+        req = make_req(f"r{i}", [1000 * i + t for t in range(17)])
+        kv._update_hashes(req, 16)
+        kv.free(req)
+        keys.append((None, req.block_hashes[0]))
+        assert kv._run_tokens == sum(len(r.token_ids) for r in kv._runs.values()) <= bound
+    assert list(kv._runs) == keys[-(bound // 16):]
+    again = make_req("again", [1000 * 3 + t for t in range(17)] + [5] * 8)  # the same first block as r3's
+    kv._update_hashes(again, 24)
+    kv.free(again)
+    assert list(kv._runs)[-1] == keys[3] and len(kv._runs[keys[3]].token_ids) == 24
