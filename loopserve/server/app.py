@@ -8,6 +8,7 @@ it down. Chat and completions live in chat.py / completions.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loopserve.config import ServerConfig
 from loopserve.engine.client import AsyncEngineClient
+from loopserve.engine.process import freeze_startup_heap
 from loopserve.server import chat, completions
 from loopserve.server.errors import APIError, bad_request, install_error_handlers
 from loopserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -125,8 +127,12 @@ async def _watchdog(state: ServerState) -> None:
 
 
 def build_app(client: AsyncEngineClient, server_config: ServerConfig | None = None,
-              served_model_name: str | None = None, metrics: ServerMetrics | None = None) -> FastAPI:
-    """The OpenAI-compatible app around `client` (started in the lifespan if it is not yet)."""
+              served_model_name: str | None = None, metrics: ServerMetrics | None = None,
+              freeze_heap: bool = False) -> FastAPI:
+    """The OpenAI-compatible app around `client` (started in the lifespan if it is not yet).
+    freeze_heap: once started, keep the process's startup heap out of the garbage collector's full
+    collections (engine/process.py freeze_startup_heap) until shutdown: for a process that is the
+    server (run_server), not for one that embeds the app among other work (the tests)."""
     server_config = server_config or ServerConfig()
     if metrics is None:
         metrics = ServerMetrics()
@@ -146,8 +152,12 @@ def build_app(client: AsyncEngineClient, server_config: ServerConfig | None = No
                 metrics.on_stats(client.stats)
             watchdog = asyncio.create_task(_watchdog(state))
             log.info("serving %s (max_model_len %d)", name, client.max_model_len)
+            if freeze_heap:
+                freeze_startup_heap()
             yield
         finally:
+            if freeze_heap:
+                gc.unfreeze()
             state.draining = True
             if watchdog is not None:
                 watchdog.cancel()

@@ -58,7 +58,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig, *, log_
     logging.getLogger().setLevel(level)
     metrics = ServerMetrics()
     client = AsyncEngineClient(engine_config, observer=metrics)
-    app = build_app(client, server_config, server_config.served_model_name or engine_config.model, metrics)
+    app = build_app(client, server_config, server_config.served_model_name or engine_config.model, metrics,
+                    freeze_heap=True)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=log_level,
                             access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=max(0.0, float(server_config.drain_timeout_s)))
