@@ -12,10 +12,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def _inputs(m, n, k, dtype, silu, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, 2 * k if silu else k, generator=gen)
-    w = torch.randn(n, k, generator=gen) / k ** 0.5
+def _inputs(m, n, k, dtype, silu, seed, on_device=False):
+    """x and w (drawn on DEVICE with on_device: an lm_head's 128k x 4k fp32 draw takes seconds on a CPU)."""
+    gen = torch.Generator(DEVICE if on_device else "cpu").manual_seed(seed)
+    x = torch.randn(m, 2 * k if silu else k, generator=gen, device=gen.device)
+    w = torch.randn(n, k, generator=gen, device=gen.device) / k ** 0.5
     return x.to(DEVICE, dtype), w.to(DEVICE, dtype), gen
 
 
@@ -171,11 +172,12 @@ def test_strided_rows_and_refusals():
 @pytest.mark.parametrize("tile", [None, *SPLIT_K_CANDIDATE_TILES], ids=str)
 @pytest.mark.parametrize("m", [1, 4])
 def test_8b_shapes_bf16_gpu(m, tile):
-    """The default tile and the split-K candidates at the 8B roles' shapes."""
-    for n, k, kw in ((6144, 4096, "norm"), (4096, 4096, "residual"), (28672, 4096, "norm"), (4096, 14336, "silu")):
-        x, w, gen = _inputs(m, n, k, torch.bfloat16, kw == "silu", seed=n)
-        extra = {"norm": dict(norm_weight=torch.ones(k, device=DEVICE, dtype=torch.bfloat16), eps=1e-5),
-                 "silu": dict(silu_mul=True),
+    """The default tile and the split-K candidates at the 8B roles' shapes, the logits GEMV's included."""
+    for n, k, kw in ((6144, 4096, "norm"), (4096, 4096, "residual"), (28672, 4096, "norm"), (4096, 14336, "silu"),
+                     (128256, 4096, "logits")):
+        x, w, gen = _inputs(m, n, k, torch.bfloat16, kw == "silu", seed=n, on_device=True)
+        norm = dict(norm_weight=torch.ones(k, device=DEVICE, dtype=torch.bfloat16), eps=1e-5)
+        extra = {"norm": norm, "logits": dict(norm, out_dtype=torch.float32), "silu": dict(silu_mul=True),
                  "residual": dict(residual=torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16))}[kw]
         torch.testing.assert_close(fused_gemv(x, w, tile=tile, **extra).float(),
                                    gemv_torch(x, w, **extra).float(), atol=3e-2, rtol=3e-2)
