@@ -9,6 +9,9 @@ size, synchronous and overlapped, so it can be set against the device step times
 
   python -m bench.host_overhead --batch 1 16 64 256 --out bench/results/host-overhead.json
 
+--cold-prompt N instead times the host's work before a cold N-token prompt's first forward is launched
+(admission, prefix lookup, scheduling, the step's inputs): the device idles through it.
+
 --gc instead times a full garbage collection in a process holding a built engine (B = the first --batch
 sequences' worth of KV blocks), before and after engine/process.py freezes the startup heap, as the
 engine's own process does: the pause a full collection puts into a step.
@@ -110,6 +113,33 @@ def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
             "turn_ms_nothing_reused": statistics.median(times["cleared"]) * 1e3}
 
 
+def cold_prompt(config: Path, prompt_len: int, rounds: int) -> dict:
+    """Median host ms from add_request to the launch of a fresh prompt_len-token prompt's first forward."""
+    core = make_core(config, 1, False, prompt_len + 1)
+    vocab = core.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    launched: list[float | None] = []
+    forward_logits = core.runner.forward_logits
+
+    def first_forward(out, prev=None):
+        if launched[-1] is None:
+            launched[-1] = time.perf_counter()
+        return forward_logits(out, prev)
+
+    core.runner.forward_logits = first_forward
+    times = []
+    for r in range(rounds):
+        ids = [1 + (r * 131 + j * 7919) % (vocab - 2) for j in range(prompt_len)]
+        launched.append(None)
+        t0 = time.perf_counter()
+        core.add_request(EngineRequest(f"cold{r}", ids, params))
+        while core.has_unfinished():
+            core.step()
+        times.append(launched[-1] - t0)
+    assert core.kv.stats.hit_tokens == 0  # every prompt was cold
+    return {"prompt_len": prompt_len, "ms_to_first_forward": statistics.median(times) * 1e3}
+
+
 def full_collection_ms(config: Path, batch: int, rounds: int) -> dict:
     """Milliseconds of gc.collect() (best of rounds) with an engine built, then after freezing its heap."""
     import gc
@@ -143,22 +173,24 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefix-turn", type=int, metavar="N", help="time a turn over N cached tokens instead")
+    ap.add_argument("--cold-prompt", type=int, metavar="N", help="time the host's work before a cold prompt's "
+                    "first forward instead")
     ap.add_argument("--gc", action="store_true", help="time a full garbage collection instead")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.gc:
-        result = {"bench": "host_overhead_gc", "config": args.config.name, "rounds": args.rounds,
-                  "python": platform.python_version(), "machine": platform.machine(),
-                  **full_collection_ms(args.config, args.batch[0], args.rounds)}
-        print(json.dumps(result), flush=True)
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-        return
-    if args.prefix_turn:
-        result = {"bench": "host_overhead_prefix_turn", "config": args.config.name, "rounds": args.rounds,
-                  "python": platform.python_version(), "machine": platform.machine(),
-                  **prefix_turn(args.config, args.prefix_turn, args.rounds)}
+        single = "host_overhead_gc", lambda: full_collection_ms(args.config, args.batch[0], args.rounds)
+    elif args.cold_prompt:
+        single = "host_overhead_cold_prompt", lambda: cold_prompt(args.config, args.cold_prompt, args.rounds)
+    elif args.prefix_turn:
+        single = "host_overhead_prefix_turn", lambda: prefix_turn(args.config, args.prefix_turn, args.rounds)
+    else:
+        single = None
+    if single is not None:
+        name, run_single = single
+        result = {"bench": name, "config": args.config.name, "rounds": args.rounds,
+                  "python": platform.python_version(), "machine": platform.machine(), **run_single()}
         print(json.dumps(result), flush=True)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,6 +31,16 @@ def test_host_overhead_prefix_turn(tiny_llama, tmp_path):
                                                                 "turn_ms_nothing_reused"))
 
 
+def test_host_overhead_cold_prompt(tiny_llama, tmp_path):
+    from bench import host_overhead
+
+    out = tmp_path / "cold.json"
+    host_overhead.main(["--config", str(tiny_llama / "config.json"), "--cold-prompt", "200", "--rounds", "2",
+                        "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["prompt_len"] == 200 and row["ms_to_first_forward"] > 0
+
+
 def test_host_overhead_full_collection(tiny_llama, tmp_path):
     """With an engine built, a full collection walks its startup heap; once engine/process.py has frozen
     it (as the engine process does), the collection leaves it alone, and the bench unfreezes it again."""
