@@ -33,6 +33,7 @@ class _DraftSeq:
         self.req = req
         self.request_id = req.request_id
         self.cache_salt = req.cache_salt
+        self.session_id = None  # the draft's finished runs (kv_cache.HashedRun) go by first block alone
         self.block_hashes: list[bytes] = []  # the draft's own (same tokens, so the same values)
         self.num_computed_tokens = 0
         self.started = False
