@@ -18,6 +18,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
@@ -242,18 +243,19 @@ class PrefillGraphs:
         self.spec = spec
         self.sizes = sorted(set(spec.token_sizes))
         self.scratch_slot = scratch_block * kv_caches[0].block_size
-        t, s = self.sizes[-1], spec.max_seqs
-        self.input_ids = torch.zeros(t, dtype=torch.long, device=device)
-        self.positions = torch.zeros(t, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((t,), self.scratch_slot, dtype=torch.long, device=device)
+        t, s, p = self.sizes[-1], spec.max_seqs, spec.max_prompts
+        # The static inputs are views of two buffers, one a dtype, so a step's inputs (but its block
+        # tables) travel in two host-to-device copies straight into them (`run`), where copying and
+        # padding them buffer by buffer took ~15 small device operations and as many host calls.
+        self._longs = torch.zeros(3 * t + 5 * s, dtype=torch.long, device=device)
+        (self.input_ids, self.positions, self.slot_mapping, self.logits_rows, self.single_q_rows,
+         self.single_rows, self._fill_dst, self._fill_src) = self._longs.split(long_segments(t, s))
+        self._ints = torch.ones(2 * s + 1 + p + s, dtype=torch.int32, device=device)
+        self.query_start_loc, self.seq_lens, self.prompt_ids, self.single_lens = self._ints.split(int_segments(s, p))
+        self.query_start_loc.zero_()
+        self.prompt_ids.zero_()
+        self.slot_mapping.fill_(self.scratch_slot)
         self.block_tables = torch.full((s, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
-        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(s, dtype=torch.int32, device=device)
-        self.logits_rows = torch.zeros(s, dtype=torch.long, device=device)
-        self.prompt_ids = torch.zeros(self.max_prompts, dtype=torch.int32, device=device)
-        self.single_rows = torch.zeros(s, dtype=torch.long, device=device)      # attention-output rows
-        self.single_q_rows = torch.zeros(s, dtype=torch.long, device=device)    # their query rows
-        self.single_lens = torch.ones(s, dtype=torch.int32, device=device)
         self.logits = torch.zeros(s, model.config.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
@@ -307,56 +309,82 @@ class PrefillGraphs:
                 and max_blocks <= self.block_tables.shape[1])
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor) -> torch.Tensor:
-        """The step (device tensors from the runner's packed copy) through the smallest graph that fits;
-        returns fp32 logits [len(logits_rows), vocab]. Without captured graphs (CPU tests), the same
-        static forward runs eagerly."""
-        n, b, num_logits = input_ids.shape[0], meta.num_seqs, logits_rows.shape[0]
+    def run(self, host: StepInputs, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The step through the smallest graph that fits; returns fp32 logits [len(logits_rows), vocab].
+        Its inputs are laid out on the host in the buffers' own layout, padded (`_layout`), and copied in
+        three host-to-device copies (long inputs, int32 inputs, block tables); pending input tokens
+        come from prev_tokens (the previous step's sampled tokens, on the device). Without captured
+        graphs (CPU tests), the same static forward runs eagerly."""
+        n, b, w = len(host.token_ids), len(host.seq_lens), host.max_blocks
         t = next(size for size in self.sizes if size >= n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:t].fill_(self.scratch_slot)
-        self.block_tables[:b, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.query_start_loc[:b + 1].copy_(meta.query_start_loc_t)
-        self.query_start_loc[b + 1:].fill_(n)
-        self.seq_lens[:b].copy_(meta.seq_lens_t)
-        self.logits_rows[:num_logits].copy_(logits_rows)
-        self.logits_rows[num_logits:].fill_(0)
-        with_single = bool(meta.decode_indices)
-        self._route(meta, t, with_single)
+        with_single = bool(host.decode_idx)
+        longs, ints = self._layout(host, t, with_single)
+        device = self._longs.device
+        self._longs.copy_(_pinned(longs, device), non_blocking=True)
+        self._ints.copy_(_pinned(ints, device), non_blocking=True)
+        self.block_tables[:b, :w].copy_(_pinned(np.asarray(host.tables, np.int64).reshape(b, w), device),
+                                        non_blocking=True)
+        if host.fill_dst:
+            k = len(host.fill_dst)
+            self.input_ids.index_copy_(0, self._fill_dst[:k], prev_tokens.index_select(0, self._fill_src[:k]))
         graph = self.graphs.get((t, with_single))
         if graph is None:
             logits = self.forward(t, with_single)
         else:
             graph.replay()
             logits = self.logits
-        return logits[:num_logits]
+        return logits[:len(host.logits_rows)]
 
-    def _route(self, meta: AttentionMetadata, t: int, with_single: bool) -> None:
-        """prompt_ids for the extend kernel, and with 1-token rows single_q_rows / single_rows /
-        single_lens for the decode kernel: 1-token sequences attend over their real length into their
-        row, every other slot over one key (of query row 0) into the spare row t. One copy."""
-        prompts = meta.prefill_indices
-        s = self.slots(t)
-        # A slot the extend kernel leaves at once: a 1-token sequence (skipped) or the first empty slot.
-        # None is empty only when every slot is a prompt, which leaves no prompt slot to pad.
-        idle = meta.decode_indices[0] if meta.decode_indices else meta.num_seqs
-        assert idle < s or len(prompts) == self.max_prompts, "no idle slot to pad the prompt slots with"
-        routing = prompts + [idle] * (self.max_prompts - len(prompts))
+    def _layout(self, host: StepInputs, t: int, with_single: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The step's long and int32 inputs as host images of `_longs` and `_ints`, padded as the class
+        docstring lays out. The prompt slots are padded with a slot without extend work: a 1-token
+        sequence (which the kernel skips) or the first empty slot; none is empty only when every slot
+        is a prompt, which leaves no prompt slot to pad."""
+        n, b = len(host.token_ids), len(host.seq_lens)
+        big_t, s, p = self.sizes[-1], self.max_seqs, self.max_prompts
+        longs = np.zeros(self._longs.shape[0], np.int64)
+        ids, pos, slots, logits_rows, single_q, single_out, fill_dst, fill_src = np.split(
+            longs, np.cumsum(long_segments(big_t, s))[:-1])
+        ids[:n] = host.token_ids  # a pending token's entry is overwritten on the device
+        pos[:n] = host.positions
+        slots[:n] = host.slots
+        slots[n:] = self.scratch_slot
+        logits_rows[:len(host.logits_rows)] = host.logits_rows
+        fill_dst[:len(host.fill_dst)] = host.fill_dst
+        fill_src[:len(host.fill_src)] = host.fill_src
+        ints = np.ones(self._ints.shape[0], np.int32)
+        qsl, lens, prompt_ids, single_lens = np.split(ints, np.cumsum(int_segments(s, p))[:-1])
+        qsl[:b + 1] = host.query_start_loc
+        qsl[b + 1:] = n
+        lens[:b] = host.seq_lens
+        prompts = host.prefill_idx
+        idle = host.decode_idx[0] if host.decode_idx else b
+        assert idle < self.slots(t) or len(prompts) == p, "no idle slot to pad the prompt slots with"
+        prompt_ids[:len(prompts)] = prompts
+        prompt_ids[len(prompts):] = idle
         if with_single:
-            q_rows = [0] * s
-            rows = [t] * s
-            lens = [1] * s
-            for i in meta.decode_indices:
-                q_rows[i] = rows[i] = meta.query_start_loc[i]
-                lens[i] = meta.seq_lens[i]
-            routing += q_rows + rows + lens
-        packed = to_device(routing, torch.long, self.prompt_ids.device)
-        self.prompt_ids.copy_(packed[:self.max_prompts])
-        if with_single:
-            p = self.max_prompts
-            self.single_q_rows[:s].copy_(packed[p:p + s])
-            self.single_rows[:s].copy_(packed[p + s:p + 2 * s])
-            self.single_lens[:s].copy_(packed[p + 2 * s:])
+            single_out[:self.slots(t)] = t
+            for i in host.decode_idx:
+                single_q[i] = single_out[i] = host.query_start_loc[i]
+                single_lens[i] = host.seq_lens[i]
+        return longs, ints
+
+
+def long_segments(t: int, s: int) -> list[int]:
+    """PrefillGraphs' long inputs for T tokens and S slots, in order: input ids, positions, cache slots
+    (T each), logits rows, the decode kernel's query rows and output rows (S each), and the pending
+    tokens' rows and their rows in the previous step's tokens (S each)."""
+    return [t, t, t, s, s, s, s, s]
+
+
+def int_segments(s: int, p: int) -> list[int]:
+    """PrefillGraphs' int32 inputs for S slots and P prompt slots: query_start_loc (S + 1), seq_lens
+    (S), prompt_ids (P), and the decode kernel's lengths (S)."""
+    return [s + 1, s, p, s]
+
+
+def _pinned(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host image for `device`: in page-locked memory for a GPU, so its copy is queued, not waited
+    for (the caching host allocator keeps the buffer until the copy has run; runner/host_copy.py)."""
+    t = torch.from_numpy(values)
+    return t.pin_memory() if device.type == "cuda" else t

@@ -282,11 +282,11 @@ class ModelRunner:
         every_row = not host.prefill_idx and len(sampling) == len(out.seqs)
         if self.graphs is not None and every_row and self.graphs.fits(len(out.seqs), host.max_blocks):
             return self.graphs.run(host, prev.batch.token_ids if host.fill_dst else None), sampling
-        input_ids, positions, meta, logits_rows = self._device_inputs(host, prev)
-        graphs = self.step_graphs_for(input_ids.shape[0], host, logits_rows.shape[0])
+        graphs = self.step_graphs_for(len(host.token_ids), host, len(host.logits_rows))
         if graphs is not None:
-            logits = graphs.run(input_ids, positions, meta, logits_rows)
+            logits = graphs.run(host, prev.batch.token_ids if host.fill_dst else None)
             return (logits, sampling) if sampling else (None, [])
+        input_ids, positions, meta, logits_rows = self._device_inputs(host, prev)
         batch = ForwardBatch(meta, self.kv_caches, self.backend)
         with _sdpa_without_cudnn(self.device):
             if every_row:  # a pure decode step samples every row, in order
