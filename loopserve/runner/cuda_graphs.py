@@ -247,11 +247,14 @@ class PrefillGraphs:
         # The static inputs are views of two buffers, one a dtype, so a step's inputs (but its block
         # tables) travel in two host-to-device copies straight into them (`run`), where copying and
         # padding them buffer by buffer took ~15 small device operations and as many host calls.
-        self._longs = torch.zeros(3 * t + 5 * s, dtype=torch.long, device=device)
+        longs, ints = long_segments(t, s), int_segments(s, p)
+        # Where each segment starts in the host images `_layout` builds every step.
+        self._long_starts, self._int_starts = np.cumsum(longs)[:-1], np.cumsum(ints)[:-1]
+        self._longs = torch.zeros(sum(longs), dtype=torch.long, device=device)
         (self.input_ids, self.positions, self.slot_mapping, self.logits_rows, self.single_q_rows,
-         self.single_rows, self._fill_dst, self._fill_src) = self._longs.split(long_segments(t, s))
-        self._ints = torch.ones(2 * s + 1 + p + s, dtype=torch.int32, device=device)
-        self.query_start_loc, self.seq_lens, self.prompt_ids, self.single_lens = self._ints.split(int_segments(s, p))
+         self.single_rows, self._fill_dst, self._fill_src) = self._longs.split(longs)
+        self._ints = torch.ones(sum(ints), dtype=torch.int32, device=device)
+        self.query_start_loc, self.seq_lens, self.prompt_ids, self.single_lens = self._ints.split(ints)
         self.query_start_loc.zero_()
         self.prompt_ids.zero_()
         self.slot_mapping.fill_(self.scratch_slot)
@@ -340,11 +343,9 @@ class PrefillGraphs:
         docstring lays out. The prompt slots are padded with a slot without extend work: a 1-token
         sequence (which the kernel skips) or the first empty slot; none is empty only when every slot
         is a prompt, which leaves no prompt slot to pad."""
-        n, b = len(host.token_ids), len(host.seq_lens)
-        big_t, s, p = self.sizes[-1], self.max_seqs, self.max_prompts
+        n, b, s = len(host.token_ids), len(host.seq_lens), self.slots(t)
         longs = np.zeros(self._longs.shape[0], np.int64)
-        ids, pos, slots, logits_rows, single_q, single_out, fill_dst, fill_src = np.split(
-            longs, np.cumsum(long_segments(big_t, s))[:-1])
+        ids, pos, slots, logits_rows, single_q, single_out, fill_dst, fill_src = np.split(longs, self._long_starts)
         ids[:n] = host.token_ids  # a pending token's entry is overwritten on the device
         pos[:n] = host.positions
         slots[:n] = host.slots
@@ -353,17 +354,17 @@ class PrefillGraphs:
         fill_dst[:len(host.fill_dst)] = host.fill_dst
         fill_src[:len(host.fill_src)] = host.fill_src
         ints = np.ones(self._ints.shape[0], np.int32)
-        qsl, lens, prompt_ids, single_lens = np.split(ints, np.cumsum(int_segments(s, p))[:-1])
+        qsl, lens, prompt_ids, single_lens = np.split(ints, self._int_starts)
         qsl[:b + 1] = host.query_start_loc
         qsl[b + 1:] = n
         lens[:b] = host.seq_lens
         prompts = host.prefill_idx
         idle = host.decode_idx[0] if host.decode_idx else b
-        assert idle < self.slots(t) or len(prompts) == p, "no idle slot to pad the prompt slots with"
+        assert idle < s or len(prompts) == self.max_prompts, "no idle slot to pad the prompt slots with"
         prompt_ids[:len(prompts)] = prompts
         prompt_ids[len(prompts):] = idle
         if with_single:
-            single_out[:self.slots(t)] = t
+            single_out[:s] = t
             for i in host.decode_idx:
                 single_q[i] = single_out[i] = host.query_start_loc[i]
                 single_lens[i] = host.seq_lens[i]

@@ -143,7 +143,8 @@ async def completion_events(state: ServerState, body: CompletionRequest, prompts
                     if k is not None:
                         builders[i * n + j] = LogprobsBuilder(k)
                         logprobs = builders[i * n + j].prompt(state.tokenizer, p.token_ids)
-                    yield chunks.choices([{"index": i * n + j, "text": text, "logprobs": logprobs, "finish_reason": None}])
+                    yield chunks.choices([{"index": i * n + j, "text": text, "logprobs": logprobs,
+                                           "finish_reason": None}])
         try:
             async for i, update in updates:
                 results[i] = update.output
