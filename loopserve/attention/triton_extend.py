@@ -79,16 +79,23 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, bt_row, start, q_pos, seq_len
         k = tl.load(k_ptrs, mask=in_seq[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale      # [BLOCK_M, BLOCK_N], log2 units
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)      # [BLOCK_M, BLOCK_N], unscaled
     if MASKED:
         keep = (offs_n[None, :] <= q_pos[:, None]) & in_seq[None, :]
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # A split of the key range may hold no visible key for some rows yet (m_new = -inf): subtract 0
-    # instead, so those rows keep p = 0 and alpha = 0 rather than exp2(-inf - -inf) = NaN.
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))      # log2 units
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A split of the key range may hold no visible key for some rows yet (m_new = -inf): subtract 0
+        # instead, so those rows keep p = 0 and alpha = 0 rather than exp2(-inf - -inf) = NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_sub[:, None])
+    else:
+        # Every key is visible, so every row's max is finite. Scaling the row max instead of every score
+        # (qk_scale > 0 keeps the order) makes the scale and the subtraction one FMA a score: the
+        # softmax's ALU work runs in turn with the tensor cores' in this kernel.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_sub = m_new
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(qk - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
