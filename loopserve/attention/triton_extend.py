@@ -224,17 +224,21 @@ class ExtendTile:
     pack_gqa, a program's rows are the tokens of one KV head's whole query-head group (BLOCK_M //
     group tokens), so each K/V tile it loads serves the group, not one head. per_sm: the programs an
     SM runs at once that a launch of few programs aims to fill, by splitting key ranges
-    (choose_extend_splits): 1 keeps a launch of ~one program an SM unsplit."""
+    (choose_extend_splits): 1 keeps a launch of ~one program an SM unsplit. max_registers: a cap on
+    each thread's registers (ptxas .maxnreg), where the compiler would otherwise take enough to keep
+    a second program off the SM; None leaves the compiler its choice."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     pack_gqa: bool = False
     per_sm: int = 1
+    max_registers: int | None = None
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
-                + ("/gqa" if self.pack_gqa else "") + (f"/x{self.per_sm}" if self.per_sm > 1 else ""))
+                + ("/gqa" if self.pack_gqa else "") + (f"/x{self.per_sm}" if self.per_sm > 1 else "")
+                + (f"/r{self.max_registers}" if self.max_registers else ""))
 
 
 def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device, regime: str) -> ExtendTile:
@@ -268,12 +272,20 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 # slowest: more independent CTAs an SM hide each walk's load latency. 64 x 32 at 4 warps goes one
 # further: 150 registers a thread and 48 KB of shared memory split (ptxas, sm_90) fit three an SM,
 # so its per_sm=3 splits such a launch three ways (not measured yet).
+# A long prompt (MANY) reads each key and value once per BLOCK_M query rows of each head: at 8k, 64-row
+# tiles move ~8.6 GB a layer from L2 (~5.8 TB/s at the H100's 1.48 ms a layer), where 128-row tiles
+# move half. The 8-warp 128-row tiles (one program an SM by their registers) ran no faster: their
+# two warpgroups meet at a barrier every key tile, so softmax and tensor-core work take turns. Two
+# candidates keep 128 rows with two programs an SM, whose warpgroups do not wait for each other: 128 x
+# 32 at 4 warps (255 registers, 64 KB of shared memory, no spills) and at 8 warps capped to 128
+# registers (no spills unsplit). Neither is measured yet; the FEW twin splits two ways.
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
           ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2),
-          ExtendTile(64, 32, 4, 2, per_sm=3)),
+          ExtendTile(64, 32, 4, 2, per_sm=3), ExtendTile(128, 32, 4, 2, per_sm=2)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
-           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2)),
+           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 32, 4, 2),
+           ExtendTile(128, 32, 8, 2, max_registers=128)),
 }
 _INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1),
                                   ExtendTile(16, 8, 1, 1, per_sm=2))
@@ -323,7 +335,7 @@ def choose_extend_splits(live_programs: int, num_sms: int, per_sm: int = 1) -> i
 
 def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
             block_m, block_n, num_warps, num_stages, skip_single=False, num_splits=1, pack_gqa=False,
-            seq_ids=None):
+            seq_ids=None, max_registers=None):
     T, Hq, D = q.shape
     B = seq_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
     Hkv = k_cache.shape[2]
@@ -352,7 +364,7 @@ def _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_qu
         # fp32 inputs would otherwise go through TF32 on the tensor cores (~1e-3 error).
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", SKIP_SINGLE=skip_single,
         SPLIT=num_splits > 1, PACK_GQA=pack_gqa, TOKENS=tokens, HAS_SEQ_IDS=seq_ids is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
     )
     if num_splits > 1:
         _merge_splits_kernel[(T, Hq)](
@@ -442,4 +454,4 @@ def paged_extend_attention(q: torch.Tensor,
     assert 1 <= num_splits <= MAX_EXTEND_SPLITS, f"num_splits must be in 1..{MAX_EXTEND_SPLITS}"
     return _launch(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale, out,
                    tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, skip_single, num_splits, tile.pack_gqa,
-                   seq_ids)
+                   seq_ids, tile.max_registers)

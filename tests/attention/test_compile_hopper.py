@@ -59,6 +59,7 @@ CHILD = textwrap.dedent('''
             ptx = k.asm["ptx"]
             regs, spills = ptxas_usage(ptx)
             results[name] = {"ok": True, "shared": k.metadata.shared, "registers": regs, "spill_bytes": spills,
+                             "warps": options.get("num_warps", 4),
                              "gdc": [op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
                                      if op in ptx]}
         except Exception as e:
@@ -75,17 +76,23 @@ CHILD = textwrap.dedent('''
                            HAS_SEQ_IDS=split),
                       floats=("qk_scale",), num_warps=4, num_stages=2)
     # Every tile the startup tuner may pick (runner/extend_tuning.py), unsplit, as an 8B model launches it;
-    # the few-programs ones also packed by GQA group and split, as short launches take them.
+    # the few-programs ones also split (those that aim at several programs an SM), and packed by GQA
+    # group and split, as short launches take them.
     for regime, tiles in te._GPU_EXTEND_CANDIDATES.items():
         for tile in tiles:
-            for packed in ((False, True) if regime == te.FEW else (False,)):
-                build(f"extend-tuned-{regime}-{tile}" + ("-packed-split" if packed else ""), te._extend_kernel,
+            variants = [(False, False)]
+            if regime == te.FEW:
+                variants += [(True, False)] * (tile.per_sm > 1) + [(True, True)]
+            for split, packed in variants:
+                build(f"extend-tuned-{regime}-{tile}" + ("-packed" if packed else "") + ("-split" if split else ""),
+                      te._extend_kernel,
                       {**dict.fromkeys("QKVO", "*bf16"), "BT": "*i64", "QSL": "*i32", "SL": "*i32",
                        "SEQ_IDS": "*i32", "WS": "*fp32", "ML": "*fp32"},
                       dict(GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                           DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=packed, PACK_GQA=packed,
+                           DOT_PREC="tf32", SKIP_SINGLE=False, SPLIT=split, PACK_GQA=packed,
                            TOKENS=tile.block_m // 4 if packed else tile.block_m, HAS_SEQ_IDS=False),
-                      floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages)
+                      floats=("qk_scale",), num_warps=tile.num_warps, num_stages=tile.num_stages,
+                      **({"maxnreg": tile.max_registers} if tile.max_registers else {}))
     for rows, rotary, prefetch in ((False, False, True), (True, False, False), (False, True, True),
                                    (False, True, False)):
         build(f"decode-rows{int(rows)}-rotary{int(rotary)}-prefetch{int(prefetch)}", td._decode_kernel,
@@ -171,6 +178,38 @@ def test_decode_step_kernels_do_not_spill(compiled, kernel):
     if all(spills is None for _, spills in usage.values()):
         pytest.skip("ptxas -v gave no register report here")
     assert all(spills == 0 for _, spills in usage.values()), usage
+
+
+def _programs_an_sm(variant: dict) -> int:
+    """How many programs of a compiled variant an sm_90 SM holds at once: 64K registers, allocated
+    to each warp in 256s; 228 KB of shared memory, 1 KB of it reserved for each program; 64 warps."""
+    warp_registers = -(-variant["registers"] * 32 // 256) * 256
+    return min(65536 // (warp_registers * variant["warps"]), 228 * 1024 // (variant["shared"] + 1024),
+               64 // variant["warps"])
+
+
+def test_extend_tiles_hold_the_programs_an_sm_they_split_for(compiled):
+    """A tile's per_sm is how many programs an SM it splits a launch of few programs for
+    (triton_extend.choose_extend_splits); a tile whose split variant fit fewer would make a second,
+    mostly idle wave. A register cap must hold, without spills where the long prompts launch it."""
+    from loopserve.attention import triton_extend as te
+
+    checked = 0
+    for regime, tiles in te._GPU_EXTEND_CANDIDATES.items():
+        for tile in tiles:
+            name = f"extend-tuned-{regime}-{tile}"
+            if compiled[name]["registers"] is None:
+                pytest.skip("ptxas -v gave no register report here")
+            if tile.per_sm > 1:
+                split = compiled[f"{name}-split"]
+                assert _programs_an_sm(split) >= tile.per_sm, (name, split)
+                checked += 1
+            if tile.max_registers:
+                assert compiled[name]["registers"] <= tile.max_registers, (name, compiled[name])
+                if regime == te.MANY:
+                    assert compiled[name]["spill_bytes"] == 0, (name, compiled[name])
+                checked += 1
+    assert checked >= 4
 
 
 @pytest.mark.parametrize("kernel", ["decode-", "gemv-"])

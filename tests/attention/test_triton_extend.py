@@ -8,7 +8,7 @@ import torch
 # tests/conftest.py runs Triton in its interpreter on machines without CUDA.
 pytest.importorskip("triton", reason="triton is not installed: these kernels cannot run")
 
-from loopserve.attention.triton_extend import _launch, paged_extend_attention
+from loopserve.attention.triton_extend import ExtendTile, _launch, paged_extend_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -113,6 +113,21 @@ def test_tile_sizes(block_m, block_n, block_size):
     check(batch, out, torch.float32)
 
 
+def test_register_capped_tile_reaches_the_launch(monkeypatch):
+    """A tile's register cap goes to the kernel's launch as Triton's maxnreg (the interpreter drops it),
+    and leaves the result alone."""
+    import loopserve.attention.triton_extend as te
+
+    batch = make_batch([(0, 40), (50, 23)], 4, 2, 16, 4, torch.float32, seed=3)
+    launches = []
+    orig = te._launch
+    monkeypatch.setattr(te, "_launch", lambda *a, **kw: launches.append(a[-1]) or orig(*a, **kw))
+    tile = ExtendTile(16, NARROW_BLOCK_N, 1, 1, max_registers=128)
+    assert str(tile).endswith("/1w/1s/r128")
+    check(batch, paged_extend_attention(**batch, tiles={"few": tile, "many": tile}), torch.float32)
+    assert launches == [128]
+
+
 @pytest.mark.parametrize("num_splits", [3, 8])
 def test_key_range_splits(num_splits):
     """Each tile's keys shared among programs, then merged: some splits of short sequences see no key
@@ -156,7 +171,7 @@ def test_listed_sequences_only(num_splits):
 def test_gqa_packed_tiles(hq, hkv, num_splits):
     """One program per KV head over the tokens of its whole query-head group: the reference, with and
     without key-range splits, and single-token rows skipped on request."""
-    from loopserve.attention.triton_extend import FEW, MANY, ExtendTile
+    from loopserve.attention.triton_extend import FEW, MANY
 
     packed = ExtendTile(16, NARROW_BLOCK_N, 1, 1, pack_gqa=True)
     tiles = {FEW: packed, MANY: packed}
@@ -181,7 +196,7 @@ def test_short_extends_pack_the_gqa_group(spec, hq, hkv, packed, monkeypatch):
     group into the rows, whatever tile it was given, where that takes fewer programs than there are
     query heads; the result is the reference's."""
     from loopserve.attention import triton_extend
-    from loopserve.attention.triton_extend import FEW, MANY, SHORT, ExtendTile
+    from loopserve.attention.triton_extend import FEW, MANY, SHORT
 
     launched = []
     orig = triton_extend._launch
@@ -195,7 +210,7 @@ def test_short_extends_pack_the_gqa_group(spec, hq, hkv, packed, monkeypatch):
 def test_packed_launches_count_their_programs():
     """A packed launch's split choice counts its own programs: on the 8B shape (32 query heads, 8 KV
     heads), 16 new tokens are 8 packed programs (split 8 ways) against 32 unpacked (4 ways)."""
-    from loopserve.attention.triton_extend import ExtendTile, launched_programs, live_programs_of
+    from loopserve.attention.triton_extend import launched_programs, live_programs_of
 
     live = live_programs_of(1, 32, 16)
     packed, plain = ExtendTile(64, 64, 4, 2, pack_gqa=True), ExtendTile(64, 64, 4, 2)
