@@ -179,8 +179,10 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
     def run(rid, ids, max_tokens):
         sync()
         t0 = time.perf_counter()
+        # ids_checked: the bench's ids are in the vocabulary, and the server sends the engine its prompts
+        # checked (server/serving.py), so the engine does not walk them again.
         core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                ignore_eos=True)))
+                                                                ignore_eos=True), ids_checked=True))
         first, n = None, 0
         while core.has_unfinished():
             n += sum(len(o.new_token_ids) for o in core.step())
@@ -263,7 +265,8 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     def add(i: int) -> None:
         p, o = lengths()
         ids = [rng.randrange(100, vocab - 1) for _ in range(p)]
-        core.add_request(EngineRequest(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True)))
+        core.add_request(EngineRequest(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True),
+                                       ids_checked=True))  # as the server sends them (engine rows: run)
 
     # A shake-down first: eager prompt steps of these lengths compile whatever the engine's startup
     # did not, outside the timing.

@@ -87,7 +87,8 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
         return [rng.randrange(100, vocab - 1) for _ in range(n)]
 
     def add(rid: str, ids: list[int], max_tokens: int) -> None:
-        core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)))
+        core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                       ids_checked=True))  # as the server sends them (bench/gpu_decode.py)
 
     def drain() -> None:
         while core.has_unfinished():

@@ -67,7 +67,8 @@ def measure(core: EngineCore, batch: int, prompt_len: int, steps: int, rounds: i
     per_round = []
     for r in range(rounds):
         for i in range(batch):
-            core.add_request(EngineRequest(f"r{r}-{i}", [100 + (i + j) % 900 for j in range(prompt_len)], params))
+            core.add_request(EngineRequest(f"r{r}-{i}", [100 + (i + j) % 900 for j in range(prompt_len)], params,
+                                           ids_checked=True))  # as the server sends them (server/serving.py)
         while not all(req.num_output_tokens for req in core.requests.values()):
             core.step()  # prefills
         times = []
@@ -91,7 +92,7 @@ def prefix_turn(config: Path, prefix_len: int, rounds: int) -> dict:
 
     def turn(rid: str, new: list[int]) -> float:
         t0 = time.perf_counter()
-        core.add_request(EngineRequest(rid, prefix + new, params))
+        core.add_request(EngineRequest(rid, prefix + new, params, ids_checked=True))
         while core.has_unfinished():
             core.step()
         return time.perf_counter() - t0
@@ -132,7 +133,7 @@ def cold_prompt(config: Path, prompt_len: int, rounds: int) -> dict:
         ids = [1 + (r * 131 + j * 7919) % (vocab - 2) for j in range(prompt_len)]
         launched.append(None)
         t0 = time.perf_counter()
-        core.add_request(EngineRequest(f"cold{r}", ids, params))
+        core.add_request(EngineRequest(f"cold{r}", ids, params, ids_checked=True))
         while core.has_unfinished():
             core.step()
         times.append(launched[-1] - t0)

@@ -153,10 +153,11 @@ class AsyncEngineClient:
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None,
                        prompt: str | None = None, cache_salt: str | None = None, session_id: str | None = None,
-                       retention_s: float = 0.0) -> AsyncIterator[StreamUpdate]:
+                       retention_s: float = 0.0, ids_checked: bool = False) -> AsyncIterator[StreamUpdate]:
         """Yield one StreamUpdate per engine step that produced tokens, until every sample finished.
 
-        Closing the iterator early (client disconnect) aborts the request in the engine.
+        Closing the iterator early (client disconnect) aborts the request in the engine. ids_checked:
+        every prompt id is known to be in the vocabulary (EngineRequest.ids_checked).
         """
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -167,7 +168,7 @@ class AsyncEngineClient:
         self._inflight[request_id] = state
         requests = [EngineRequest(rid, list(prompt_token_ids), params.for_sample(i) if params.n > 1 else params,
                                   cache_salt=cache_salt, wait_for=engine_ids[0] if i else None, arrival_time=now,
-                                  session_id=session_id, retention_s=retention_s)
+                                  session_id=session_id, retention_s=retention_s, ids_checked=ids_checked)
                     for i, rid in enumerate(engine_ids)]
         finished = False
         try:

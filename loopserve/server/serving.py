@@ -44,6 +44,7 @@ class ServerState:
     sessions: SessionTracker = field(default_factory=SessionTracker)
     _max_token_chars: int | None = None
     _prompt_encoder: PromptEncoder | None = None
+    _tokenizer_fits_vocab: bool | None = None
 
     def session(self, request, body) -> SessionRef | None:
         """The request's agent session and retention hint (400 when the hint is bad)."""
@@ -69,6 +70,7 @@ class ServerState:
             return
         _ = self.prompt_encoder
         self._chars_bound()
+        self.tokenizer_fits_vocab()
         template_renders_tools(self.chat_template)
 
     @property
@@ -123,11 +125,25 @@ class ServerState:
             if self.metrics is not None:
                 self.metrics.prompt_text_tokens.labels(source="segment_cache").inc(encoder.stats.reused_tokens - reused)
                 self.metrics.prompt_text_tokens.labels(source="tokenizer").inc(encoder.stats.encoded_tokens - encoded)
-            return ids
         except BaseException as e:  # noqa: BLE001 - what the text makes the tokenizer raise, its Rust panics too
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             raise bad_request(f"cannot tokenize the {param}: {e}", param=param) from None
+        if not self.tokenizer_fits_vocab():
+            self.check_token_ids(ids, param)
+        return ids
+
+    def tokenizer_fits_vocab(self) -> bool:
+        """Whether every id the tokenizer can produce (added tokens too) is inside the model's vocabulary,
+        so its output needs no check (known once, at start-up). Every prompt handed to the engine is
+        then checked here, and the engine is told so (stream_outputs)."""
+        if self._tokenizer_fits_vocab is None:
+            try:
+                top = max(self.tokenizer.get_vocab().values(), default=-1)
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot list its vocabulary: check every prompt
+                top = None
+            self._tokenizer_fits_vocab = top is not None and top < self.vocab_size
+        return self._tokenizer_fits_vocab
 
     @property
     def chat_template(self) -> str | None:
@@ -202,7 +218,9 @@ class Prompt:
 async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], params: SamplingParams,
                          request_id: str, cache_salt: str | None = None, session: SessionRef | None = None
                          ) -> AsyncIterator[tuple[int, StreamUpdate]]:
-    """(prompt index, update) for every engine step of every prompt, until all are finished.
+    """(prompt index, update) for every engine step of every prompt, until all are finished. Every
+    prompt's ids are in the vocabulary: a tokenizer's that fits it, or checked (ServerState.encode,
+    check_token_ids), so the engine does not walk them again.
 
     Closing this iterator (or cancelling its consumer) closes every engine stream, which aborts
     the unfinished requests in the engine and frees their KV blocks.
@@ -211,7 +229,7 @@ async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], param
     if len(prompts) == 1:
         p = prompts[0]
         async with aclosing(client.generate(p.token_ids, p.params or params, request_id=request_id, prompt=p.text,
-                                            cache_salt=cache_salt, **sess)) as gen:
+                                            cache_salt=cache_salt, ids_checked=True, **sess)) as gen:
             async for update in gen:
                 yield 0, update
         return
@@ -222,7 +240,8 @@ async def stream_outputs(client: AsyncEngineClient, prompts: list[Prompt], param
     async def pump(i: int, p: Prompt) -> None:
         try:
             async with aclosing(client.generate(p.token_ids, p.params or params, request_id=f"{request_id}-{i}",
-                                                prompt=p.text, cache_salt=cache_salt, **sess)) as gen:
+                                                prompt=p.text, cache_salt=cache_salt, ids_checked=True,
+                                                **sess)) as gen:
                 async for update in gen:
                     queue.put_nowait((i, update))
         except asyncio.CancelledError:
