@@ -52,6 +52,13 @@ def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, float
                           options=options)
 
 
+def programs_an_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many programs of a compiled kernel an sm_90 SM holds at once: 64K registers, allocated to
+    each warp in 256s; 228 KB of shared memory, 1 KB of it reserved for each program; 64 warps."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    return min(65536 // max(1, warp_registers * num_warps), 228 * 1024 // (shared_bytes + 1024), 64 // num_warps)
+
+
 DECODE_POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i32",
                    "acc_ptr": "*fp32", "stat_ptr": "*fp32", "ticket_ptr": "*i32", "out_ptr": "*bf16",
                    "q_rows_ptr": "*i64", "out_rows_ptr": "*i64", "kn_ptr": "*bf16", "vn_ptr": "*bf16",

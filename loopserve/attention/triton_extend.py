@@ -222,8 +222,9 @@ def _merge_splits_kernel(
 class ExtendTile:
     """BLOCK_M query rows a program, BLOCK_N keys an iteration, warps, software-pipeline stages; with
     pack_gqa, a program's rows are the tokens of one KV head's whole query-head group (BLOCK_M //
-    group tokens), so each K/V tile it loads serves the group, not one head. per_sm: the programs an
-    SM runs at once that a launch of few programs aims to fill, by splitting key ranges
+    group tokens), so each K/V tile it loads serves the group, not one head. per_sm: the programs of
+    the tile an SM holds at once (checked against sm_90 compiles in tests/attention/test_compile_hopper.py
+    and on the GPU), which a launch of few programs aims to fill by splitting key ranges
     (choose_extend_splits): 1 keeps a launch of ~one program an SM unsplit. max_registers: a cap on
     each thread's registers (ptxas .maxnreg), where the compiler would otherwise take enough to keep
     a second program off the SM; None leaves the compiler its choice."""
@@ -284,8 +285,8 @@ _GPU_EXTEND_CANDIDATES = {
           ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2),
           ExtendTile(64, 32, 4, 2, per_sm=3), ExtendTile(128, 32, 4, 2, per_sm=2)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
-           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 32, 4, 2),
-           ExtendTile(128, 32, 8, 2, max_registers=128)),
+           ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 32, 4, 2, per_sm=2),
+           ExtendTile(128, 32, 8, 2, per_sm=2, max_registers=128)),
 }
 _INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1),
                                   ExtendTile(16, 8, 1, 1, per_sm=2))

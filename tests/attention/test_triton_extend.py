@@ -306,6 +306,57 @@ def test_every_candidate_tile_attends_as_the_reference(regime, d):
                                    msg=lambda m: f"{tile}: {m}")
 
 
+class _RecordingKernel:
+    """Stands in for a @triton.jit kernel and keeps what each launch returns (the compiled kernel)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.compiled: list = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            compiled = launch(*args, **kwargs)
+            self.compiled.append(compiled)
+            return compiled
+        return run
+
+
+@cuda_only
+def test_tiles_hold_the_programs_an_sm_they_are_tuned_for(monkeypatch):
+    """With the GPU machine's own Triton (the compile test uses this machine's): each candidate tile
+    meant to run several programs an SM holds that many, launched as its regime launches it (few
+    programs: split key ranges; many: unsplit), and a register cap holds without spills where long
+    prompts launch it. A tile that held fewer would leave its launch a second, mostly idle wave."""
+    import loopserve.attention.triton_extend as te
+    from bench.sm90_compile import programs_an_sm
+
+    if torch.cuda.get_device_capability(DEVICE) != (9, 0):
+        pytest.skip("the programs-an-SM arithmetic is sm_90's (H100, H200)")
+    recorder = _RecordingKernel(te._extend_kernel)
+    monkeypatch.setattr(te, "_extend_kernel", recorder)
+    # The 8B shape (32 query heads, 8 KV heads, head_dim 128), 256 new tokens: no GQA packing.
+    batch = make_batch([(300, 256)], 32, 8, 128, 16, torch.bfloat16, seed=7)
+    checked = []
+    for regime, tiles in te._GPU_EXTEND_CANDIDATES.items():
+        for tile in (t for t in tiles if t.per_sm > 1 or t.max_registers):
+            recorder.compiled.clear()
+            paged_extend_attention(**batch, tiles={te.FEW: tile, te.MANY: tile},
+                                   num_splits=2 if regime == te.FEW else 1)
+            kernel = recorder.compiled[0]
+            if not hasattr(kernel, "n_regs"):
+                pytest.skip(f"this Triton's launch returns no compiled kernel ({type(kernel).__name__})")
+            usage = (kernel.n_regs, kernel.n_spills, kernel.metadata.shared, kernel.metadata.num_warps)
+            assert programs_an_sm(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps) >= tile.per_sm, \
+                (str(tile), usage)
+            if tile.max_registers:
+                assert kernel.n_regs <= tile.max_registers, (str(tile), usage)
+                assert regime == te.FEW or kernel.n_spills == 0, (str(tile), usage)
+            checked.append(str(tile))
+    assert len(checked) >= 4, checked
+
+
 @cuda_only
 def test_cuda_graph_capture():
     batch = make_batch(MIXED, 4, 2, 64, 16, torch.float16, seed=5)
