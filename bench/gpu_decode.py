@@ -266,7 +266,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
         p, o = lengths()
         ids = [rng.randrange(100, vocab - 1) for _ in range(p)]
         core.add_request(EngineRequest(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True),
-                                       ids_checked=True))  # as the server sends them (engine rows: run)
+                                       ids_checked=True))  # as the server sends them (see engine's run)
 
     # A shake-down first: eager prompt steps of these lengths compile whatever the engine's startup
     # did not, outside the timing.

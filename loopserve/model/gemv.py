@@ -321,8 +321,8 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     [M, N]: added to the rounded product. Not both norm and silu. out_dtype: the result, rounded to
     x's dtype as ever, stored as this one (fp32 logits without a cast kernel). tile: the program's
     share instead of default_tile (runner/gemv_tuning.py times candidates at startup). pdl: launch
-    with programmatic dependent launch where the device supports it (device_caps.pdl_supported). workspace: a split-K
-    tile's scratch (gemv_workspace; one is made for the call where none is given)."""
+    with programmatic dependent launch where the device supports it (device_caps.pdl_supported).
+    workspace: a split-K tile's scratch (gemv_workspace; one is made for the call where none is given)."""
     assert not (norm_weight is not None and silu_mul), "one prologue at most"
     problem = gemv_problem(x, weight)
     if problem is not None:

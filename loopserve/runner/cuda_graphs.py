@@ -24,7 +24,7 @@ import torch
 from loopserve.attention.metadata import AttentionMetadata, ForwardBatch, KVCache
 from loopserve.config import StepGraphSpec
 from loopserve.runner.argmax import greedy_argmax
-from loopserve.runner.host_copy import to_device
+from loopserve.runner.host_copy import host_image, to_device
 from loopserve.runner.step_inputs import StepInputs, pack_decode_inputs, unpack_decode_inputs
 
 log = logging.getLogger(__name__)
@@ -323,10 +323,10 @@ class PrefillGraphs:
         with_single = bool(host.decode_idx)
         longs, ints = self._layout(host, t, with_single)
         device = self._longs.device
-        self._longs.copy_(_pinned(longs, device), non_blocking=True)
-        self._ints.copy_(_pinned(ints, device), non_blocking=True)
-        self.block_tables[:b, :w].copy_(_pinned(np.asarray(host.tables, np.int64).reshape(b, w), device),
-                                        non_blocking=True)
+        self._longs.copy_(host_image(torch.from_numpy(longs), device), non_blocking=True)
+        self._ints.copy_(host_image(torch.from_numpy(ints), device), non_blocking=True)
+        tables = torch.from_numpy(np.asarray(host.tables, np.int64).reshape(b, w))
+        self.block_tables[:b, :w].copy_(host_image(tables, device), non_blocking=True)
         if host.fill_dst:
             k = len(host.fill_dst)
             self.input_ids.index_copy_(0, self._fill_dst[:k], prev_tokens.index_select(0, self._fill_src[:k]))
@@ -383,9 +383,3 @@ def int_segments(s: int, p: int) -> list[int]:
     (S), prompt_ids (P), and the decode kernel's lengths (S)."""
     return [s + 1, s, p, s]
 
-
-def _pinned(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host image for `device`: in page-locked memory for a GPU, so its copy is queued, not waited
-    for (the caching host allocator keeps the buffer until the copy has run; runner/host_copy.py)."""
-    t = torch.from_numpy(values)
-    return t.pin_memory() if device.type == "cuda" else t

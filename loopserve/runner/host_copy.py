@@ -20,4 +20,11 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    return host_image(t, device).to(device, non_blocking=True)
+
+
+def host_image(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor as the source of a copy to `device` that is queued, not waited for: in page-locked
+    memory for a GPU (the caching host allocator keeps the buffer until the copy has run), as it is
+    otherwise."""
+    return t.pin_memory() if device.type == "cuda" else t
