@@ -62,7 +62,8 @@ echo "== GPU tests"
 # xdist spreads the kernels' first-time Triton compiles (most of this step on a fresh machine) over
 # cores: 12 of the machine's 16 (8 took 148 s on an H100 for 474 tests in the fourteenth session).
 step 180 python -m pytest -q -p no:cacheprovider -n 12 --device cuda tests/model/test_fused_ops.py tests/attention \
-  tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_argmax.py \
+  tests/engine/test_engine.py tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/model/test_gated_mlp.py \
+  tests/unit/test_argmax.py \
   tests/unit/test_step_inputs.py tests/unit/test_tuning.py \
   "tests/engine/test_overlap.py::test_launching_a_step_never_waits_for_the_device" \
   "tests/engine/test_overlap.py::test_staggered_batch_matches_synchronous_and_overlaps" \

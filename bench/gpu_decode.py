@@ -231,7 +231,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
             "fused_gemv_sizes": getattr(core.runner.graphs, "fused_sizes", None),
             # the startup tuning: each choice and the ms of every candidate
             "gemv_choices": _tuned(core.runner.gemv_timings), "extend_tiles": _tuned(core.runner.extend_timings),
-            "decode_tiles": _tuned(core.runner.decode_timings),
+            "decode_tiles": _tuned(core.runner.decode_timings), "gated_mlp": _tuned(core.runner.gated_timings),
             "decode_tok_s_no_overlap": statistics.median(sync_tok_s) if sync_tok_s else None,
             "startup_s": startup, "decode_tok_s": tok_s, "ms_per_step": 1e3 / tok_s, "ttft_s": ttft,
             "decode_graph_ms_b1": decode_graph_ms,
@@ -351,7 +351,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
             # window (random 1000/1000), the window alone is decode and leaves out a request's prefill.
             "output_tok_s_from_start": (warm_tokens + out_tokens) / (t_end - t_start),
             "seconds": dt, "finished_requests": finished, "kv_blocks": core.kv.num_blocks,
-            "decode_tiles": _tuned(core.runner.decode_timings),
+            "decode_tiles": _tuned(core.runner.decode_timings), "gated_mlp": _tuned(core.runner.gated_timings),
             "host_wait_share": waited[0] / dt,
             "host_ms_per_step": 1e3 * (dt - waited[0]) / len(steps) if steps else None,
             "steps_per_s": len(steps) / dt, "mean_seqs_per_step": statistics.fmean(b for b, _, _ in steps) if steps else 0,

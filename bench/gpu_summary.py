@@ -28,7 +28,7 @@ ROW_KEYS = ("backend", "cuda_graphs", "overlap", "fused_decode_gemv", "pdl", "ba
             "decode_tok_s", "decode_tok_s_no_overlap", "decode_graph_ms_b1", "output_tok_s", "output_tok_s_from_start",
             "achieved_gb_s", "ttft_s", "ttft_first_shape_s", "ttft_long_cold_s", "ttft_long_cached_plus_256_s",
             "startup_s", "fused_gemv_timings", "fused_gemv_sizes", "gemv_choices", "extend_tiles", "decode_tiles",
-            "mixed_step_graphs", "host_wait_share", "host_ms_per_step", "steps_per_s", "mean_seqs_per_step",
+            "gated_mlp", "mixed_step_graphs", "host_wait_share", "host_ms_per_step", "steps_per_s", "mean_seqs_per_step",
             "mean_tokens_per_step", "decode_steps", "prompt_steps_graphed", "prompt_steps_eager", "gemm_tflops",
             "mean_tokens_eager_prompt_step")
 

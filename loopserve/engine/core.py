@@ -180,7 +180,8 @@ class EngineCore:
                                   num_host_blocks=num_host_blocks,
                                   step_graphs=_step_graph_specs(config, sched_cfg),
                                   choose_fused_gemv_rows=choose_fused_rows,
-                                  pdl=config.programmatic_dependent_launch)
+                                  pdl=config.programmatic_dependent_launch,
+                                  max_step_tokens=sched_cfg.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._structured: StructuredOutputManager | None = None
         self.spec: SpecDecoder | None = None

@@ -17,7 +17,8 @@ from torch import nn
 
 from loopserve.attention.metadata import ForwardBatch
 from loopserve.config import ModelConfig
-from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm, silu_and_mul
+from loopserve.model.fused_ops import fused_add_rms_norm, rms_norm
+from loopserve.model.gated_mlp import GatedChoices, choice_for_rows, gated_by
 from loopserve.model.gemv import GemvChoice, GemvWorkspace, gemv_by, gemv_workspace
 
 # The GEMV role (CausalLM.gemv_choices) of forward_logits' last kernel: final RMSNorm, lm_head and fp32 logits.
@@ -157,9 +158,12 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
+        # gate_up and its SiLU-mul, by the step's rows: cuBLAS and a kernel, or one fused GEMM
+        # (model/gated_mlp.py). Set for every layer by CausalLM.set_gated_choices.
+        self.gated_choices: GatedChoices = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(gated_by(choice_for_rows(self.gated_choices, x.shape[0]), x, self.gate_up_proj.weight))
 
 
 class DecoderLayer(nn.Module):
@@ -251,6 +255,15 @@ class CausalLM(nn.Module):
         # The fused layers' GEMV choices by role (DecoderLayer.gemv_roles): a tile, or cuBLAS. The
         # runner's startup tuner sets them on a GPU; a role without one takes gemv.default_tile.
         self.gemv_choices: dict[str, GemvChoice] = {}
+
+    def set_gated_choices(self, choices: GatedChoices) -> None:
+        """Every MLP's gate_up + SiLU-mul choice by rows (the runner's startup tuner sets it on a GPU)."""
+        for layer in self.model.layers:
+            layer.mlp.gated_choices = choices
+
+    @property
+    def gated_choices(self) -> GatedChoices:
+        return self.model.layers[0].mlp.gated_choices
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 out_rows: torch.Tensor | None = None) -> torch.Tensor:

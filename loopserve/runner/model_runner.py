@@ -20,6 +20,7 @@ from loopserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from loopserve.engine.request import PENDING_TOKEN
 from loopserve.runner.decode_tuning import tune_decode_tiles
 from loopserve.runner.extend_tuning import tune_extend_tiles
+from loopserve.runner.gated_mlp_tuning import tune_gated_mlp
 from loopserve.runner.gemv_tuning import tune_gemv_choices
 from loopserve.runner.host_copy import to_device
 from loopserve.runner.sampler import SampledBatch, SampledToken, Sampler, SamplingRow
@@ -78,7 +79,7 @@ class ModelRunner:
                  device: torch.device, dtype: torch.dtype, sampler: Sampler, attention_backend: str = "auto",
                  cuda_graph_sizes: list[int] | None = None, max_model_len: int | None = None,
                  num_host_blocks: int = 0, step_graphs: list[StepGraphSpec] | None = None,
-                 choose_fused_gemv_rows: int = 0, pdl: bool = True) -> None:
+                 choose_fused_gemv_rows: int = 0, pdl: bool = True, max_step_tokens: int = 0) -> None:
         self.model = model
         self.cfg = model_config
         self.device = device
@@ -111,12 +112,15 @@ class ModelRunner:
         self.extend_timings: dict[str, Tuned] = {}
         # regime -> Tuned: the decode attention kernel's startup tile tuning (empty when it did not run)
         self.decode_timings: dict[str, Tuned] = {}
+        # "<rows> rows" -> Tuned: the MLPs' gate_up + SiLU-mul startup tuning (empty when it did not run)
+        self.gated_timings: dict[str, Tuned] = {}
         if use_graphs:
             self._capture_graphs(num_blocks, cuda_graph_sizes, max_model_len, step_graphs or [],
-                                 choose_fused_gemv_rows)
+                                 choose_fused_gemv_rows, max_step_tokens)
 
     def _capture_graphs(self, num_blocks: int, cuda_graph_sizes: list[int], max_model_len: int | None,
-                        step_graphs: list[StepGraphSpec], choose_fused_gemv_rows: int) -> None:
+                        step_graphs: list[StepGraphSpec], choose_fused_gemv_rows: int,
+                        max_step_tokens: int) -> None:
         """The startup tuners, then the decode graphs and the step-graph sets. A failure in any of them
         (a capture the driver refuses, a kernel the compiler rejects) costs speed, not service: the
         tuners' defaults stay, and steps without graphs run eagerly, each said in the log."""
@@ -130,6 +134,8 @@ class ModelRunner:
             self.backend, self.kv_caches[0], cfg.num_heads, max_model_len or cfg.max_position_embeddings))
         self.decode_timings = self._tuned("decode attention tiles", lambda: tune_decode_tiles(
             self.backend, self.kv_caches[0], cfg.num_heads, max(cuda_graph_sizes), max_blocks))
+        # Before any graph captures an MLP: the graphs keep the choice for their rows.
+        self.gated_timings = self._tuned("gate_up + SiLU-mul", lambda: tune_gated_mlp(model, max_step_tokens))
 
         def decode_graphs() -> DecodeGraphs:
             if choose_fused_gemv_rows or model.fused_gemv_rows:

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent('''
     from bench.sm90_compile import (DECODE_POINTERS, DECODE_UNIT_STRIDES, compile_for_hopper, decode_constexprs,
                                     gemv_launch)
     from loopserve.attention import triton_decode as td, triton_extend as te
-    from loopserve.model import fused_ops as fo, gemv
+    from loopserve.model import fused_ops as fo, gated_mlp, gemv
     from loopserve.runner import argmax, step_inputs
 
     results = {}
@@ -59,7 +59,8 @@ CHILD = textwrap.dedent('''
             ptx = k.asm["ptx"]
             regs, spills = ptxas_usage(ptx)
             results[name] = {"ok": True, "shared": k.metadata.shared, "registers": regs, "spill_bytes": spills,
-                             "warps": options.get("num_warps", 4),
+                             "warps": options.get("num_warps", 4), "wgmma": "wgmma.mma_async" in ptx,
+                             "tma": "cp.async.bulk.tensor" in ptx,
                              "gdc": [op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
                                      if op in ptx]}
         except Exception as e:
@@ -119,6 +120,21 @@ CHILD = textwrap.dedent('''
                 pointers, constexprs, warps = gemv_launch(tile, prologue, rows)
                 build(f"gemv-{tile}-{prologue}-m{rows}", gemv._gemv_kernel, pointers, constexprs,
                       floats=("eps",), num_warps=warps, num_stages=1)
+    # Every tile the gate_up + SiLU-mul tuner may pick (runner/gated_mlp_tuning.py), K a multiple of the
+    # tile's (the 8B shape) or not.
+    # TMA tiles also as plain loads: their fallback where rows are not 16-byte aligned.
+    for tile in gated_mlp.GPU_CANDIDATE_TILES:
+        bm, bn, bk = tile.block_m, tile.block_n, tile.block_k
+        for even_k in (True, False):
+            build(f"gated-{tile}-evenk{int(even_k)}", gated_mlp._gate_up_silu_kernel, dict.fromkeys("XWY", "*bf16"),
+                  dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=even_k),
+                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+        if tile.tma:
+            build(f"gated-{tile}-descriptors", gated_mlp._gate_up_silu_tma_kernel,
+                  {"x_desc": f"tensordesc<bf16[{bm},{bk}]>", "w_desc": f"tensordesc<bf16[{bn},{bk}]>",
+                   "y_desc": f"tensordesc<bf16[{bm},{bn}]>"},
+                  dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=tile.num_warps,
+                  num_stages=tile.num_stages)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
           dict(HAS_RESIDUAL=True, BLOCK=4096), floats=("eps",), num_warps=16)
@@ -161,8 +177,8 @@ def _assert_built(compiled: dict, prefix: str) -> None:
         assert compiled[n]["shared"] <= 228 * 1024, f"{n} needs {compiled[n]['shared']} bytes of shared memory"
 
 
-@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "rms-norm", "rotary-store", "silu-mul", "argmax-",
-                                    "unpack-decode-inputs"])
+@pytest.mark.parametrize("kernel", ["extend-", "decode-", "gemv-", "gated-", "rms-norm", "rotary-store", "silu-mul",
+                                    "argmax-", "unpack-decode-inputs"])
 def test_compiles_for_sm90(compiled, kernel):
     _assert_built(compiled, kernel)
 
@@ -178,6 +194,18 @@ def test_decode_step_kernels_do_not_spill(compiled, kernel):
     if all(spills is None for _, spills in usage.values()):
         pytest.skip("ptxas -v gave no register report here")
     assert all(spills == 0 for _, spills in usage.values()), usage
+
+
+def test_gated_gemm_tiles_run_on_hopper_tensor_cores_without_spills(compiled):
+    """The fused gate_up + SiLU-mul competes with cuBLAS only on wgmma (mma.sync is Ampere's, about half
+    an H100's rate), with its loads pipelined and its two accumulators in registers."""
+    names = [n for n in compiled if n.startswith("gated-")]
+    assert names and all(compiled[n]["wgmma"] for n in names), {n: compiled[n]["wgmma"] for n in names}
+    descriptors = [n for n in names if n.endswith("-descriptors")]
+    assert descriptors and all(compiled[n]["tma"] for n in descriptors)
+    if any(compiled[n]["spill_bytes"] is None for n in names):
+        pytest.skip("ptxas -v gave no register report here")
+    assert all(compiled[n]["spill_bytes"] == 0 for n in names), {n: compiled[n]["spill_bytes"] for n in names}
 
 
 def test_extend_tiles_hold_the_programs_an_sm_they_split_for(compiled):

@@ -261,25 +261,28 @@ def test_graph_capture_failures_cost_speed_not_service(make_llm, monkeypatch, ca
 
     monkeypatch.setattr(model_runner, "tune_extend_tiles", fails)
     monkeypatch.setattr(model_runner, "tune_decode_tiles", fails)
+    monkeypatch.setattr(model_runner, "tune_gated_mlp", fails)
     monkeypatch.setattr(cuda_graphs, "DecodeGraphs", FakeDecodeGraphs)
     monkeypatch.setattr(cuda_graphs, "PrefillGraphs", FakeStepGraphs)
     specs = [StepGraphSpec((16, 32), 8, 8), StepGraphSpec((256,), 32, 4)]
 
     # PDL refused, then the plain capture refused too: eager decode steps on cuBLAS layers.
     runner.pdl, runner.model.fused_gemv_rows = True, 4
-    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, specs, 0)
+    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, specs, 0, 2048)
     assert captures == [True, False] and runner.graphs is None and runner.model.fused_gemv_rows == 0
-    assert runner.extend_timings == {} and runner.decode_timings == {}
+    assert runner.extend_timings == {} and runner.decode_timings == {} and runner.gated_timings == {}
+    assert runner.model.gated_choices == ()
     assert [g.spec.max_seqs for g in runner.step_graphs] == [32]
     logged = caplog.text
     assert "extend attention tiles not tuned" in logged and "decode attention tiles not tuned" in logged
+    assert "gate_up + SiLU-mul not tuned" in logged
     assert "failed to capture; decode steps run eagerly" in logged and "up to 8 sequences disabled" in logged
 
     # PDL refused, the plain capture taken.
     captures.clear()
     FakeDecodeGraphs.fail = 1
     runner.pdl, runner.step_graphs = True, []
-    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, [], 0)
+    runner._capture_graphs(runner.kv_caches[0].key.shape[0], [1, 2, 4], 64, [], 0, 2048)
     assert captures == [True, False] and isinstance(runner.graphs, FakeDecodeGraphs) and not runner.pdl
     runner.graphs = None  # the LLM goes on serving eagerly
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3, ignore_eos=True))
