@@ -68,7 +68,7 @@ def test_tma_tiles_take_bulk_copies_where_the_rows_are_aligned(monkeypatch):
 
 @pytest.mark.skipif(not ON_GPU, reason="the 8B shapes take minutes in the interpreter; the GPU runs them")
 @pytest.mark.parametrize("tile", gated_mlp.GPU_CANDIDATE_TILES, ids=str)
-@pytest.mark.parametrize("m", [1, 300, 2048])
+@pytest.mark.parametrize("m", [1, 300])
 def test_every_gpu_tile_at_the_8b_shape(tile, m):
     _check(*_inputs(m, 4096, 14336, torch.bfloat16, seed=m), tile)
 
