@@ -127,12 +127,13 @@ GatedChoice = GatedTile | str
 
 # GEMM tiles for Hopper, bf16/fp16. The two accumulators make each an effective block_m x 2 block_n tile:
 # 128 x 128 is cuBLAS's 128 x 256 class. By ptxas for sm_90 (tests/attention/test_compile_hopper.py) every
-# one runs on wgmma with no spills, its loads pipelined (cp.async, or TMA bulk copies), one program an SM
-# (128-196 KB of shared memory). None is measured yet: the startup tuner times them against UNFUSED.
+# one runs on wgmma with no spills, its loads pipelined (cp.async, or TMA bulk copies); 128 x 64 with three
+# stages fits two programs an SM (one's epilogue beside the other's main loop), the others one. None is
+# measured yet: the startup tuner times them against UNFUSED.
 GPU_CANDIDATE_TILES = (GatedTile(128, 128, 64, 8, 3), GatedTile(128, 128, 64, 8, 4), GatedTile(128, 64, 64, 4, 4),
-                       GatedTile(64, 128, 64, 4, 4), GatedTile(256, 64, 64, 8, 3),
+                       GatedTile(128, 64, 64, 4, 3), GatedTile(64, 128, 64, 4, 4), GatedTile(256, 64, 64, 8, 3),
                        GatedTile(128, 128, 64, 8, 3, tma=True), GatedTile(128, 128, 64, 8, 4, tma=True),
-                       GatedTile(128, 64, 64, 4, 4, tma=True))
+                       GatedTile(128, 64, 64, 4, 3, tma=True))
 # Small tiles keep the interpreter's numpy emulation fast.
 INTERPRETER_CANDIDATE_TILES = (GatedTile(16, 16, 16, 1, 1), GatedTile(32, 16, 32, 2, 1),
                                GatedTile(16, 16, 16, 1, 1, tma=True))
