@@ -18,6 +18,7 @@ if [ ! -x "$env_dir/bin/python" ]; then
 fi
 "$env_dir/bin/python" -c "import triton; print('triton', triton.__version__, 'from', triton.__file__)"
 exec "$env_dir/bin/python" -m pytest -q -p no:cacheprovider -n 2 \
-    tests/attention tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/unit/test_step_inputs.py \
+    tests/attention tests/model/test_gemv.py tests/model/test_gemv_tuning.py tests/model/test_gated_mlp.py \
+    tests/unit/test_step_inputs.py \
     tests/model/test_fused_ops.py tests/unit/test_argmax.py tests/unit/test_sampler.py tests/spec \
     tests/engine/test_bench_scripts.py "$@"
