@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loopserve.device_caps import sm_count
 from loopserve.model.fused_ops import HAS_TRITON, silu_and_mul, tl, triton
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -32,15 +33,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 if HAS_TRITON:
 
     @triton.jit
-    def _tile_of(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """This program's (row tile, feature tile). Programs go down GROUP_M row tiles before the next
-        feature tile, so the weight tiles a group shares are read from L2 while they are still there."""
-        pid = tl.program_id(0)
+    def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Output tile number `tile` as (row tile, feature tile). Tiles go down GROUP_M row tiles before
+        the next feature tile, so the weight tiles a group shares are read from L2 while still there."""
         grid_n = tl.cdiv(N, BLOCK_N)
         in_group = GROUP_M * grid_n
-        first_m = (pid // in_group) * GROUP_M
+        first_m = (tile // in_group) * GROUP_M
         group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-        return first_m + (pid % in_group) % group_rows, (pid % in_group) // group_rows
+        return first_m + (tile % in_group) % group_rows, (tile % in_group) // group_rows
 
     @triton.jit
     def _silu_mul(acc_g, acc_u, act: tl.constexpr):
@@ -55,7 +55,7 @@ if HAS_TRITON:
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
         """Y[M, N] = silu(X @ Wg^T) * (X @ Wu^T), with W = [Wg; Wu] of [2N, K] (nn.Linear's layout)."""
-        pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -89,11 +89,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _gate_up_silu_tma_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
         """The same through Hopper's tensor memory accelerator: each tile is one bulk copy, which needs no
         per-thread addresses and pads reads past an edge with zeros (a gate tile past N reads up's first
-        rows instead: never stored, as the store stops at the output's edge)."""
-        pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows instead: never stored, as the store stops at the output's edge). PROGRAMS > 0: that many
+        persistent programs take the output tiles in turn, their loops flattened into one, so the next
+        tile's first loads are in flight during this one's epilogue; 0: a program a tile."""
+        if PROGRAMS == 0:
+            _tma_tile(x_desc, w_desc, y_desc, tl.program_id(0), M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        else:
+            num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+            for tile in tl.range(tl.program_id(0), num_tiles, PROGRAMS, flatten=True):
+                _tma_tile(x_desc, w_desc, y_desc, tile, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+    @triton.jit
+    def _tma_tile(x_desc, w_desc, y_desc, tile, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -115,10 +127,12 @@ class GatedTile:
     num_warps: int
     num_stages: int
     tma: bool = False  # tiles loaded and stored by TMA bulk copies (_gate_up_silu_tma_kernel)
+    # With tma: > 0 launches that many persistent programs an SM, which take the output tiles in turn.
+    persistent_per_sm: int = 0
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}/{self.num_warps}w/{self.num_stages}s"
-                + ("/tma" if self.tma else ""))
+                + ("/tma" if self.tma else "") + (f"/p{self.persistent_per_sm}" if self.persistent_per_sm else ""))
 
 
 # The other choice: cuBLAS's gate_up GEMM, then fused_ops' SiLU-mul kernel.
@@ -133,10 +147,13 @@ GatedChoice = GatedTile | str
 GPU_CANDIDATE_TILES = (GatedTile(128, 128, 64, 8, 3), GatedTile(128, 128, 64, 8, 4), GatedTile(128, 64, 64, 4, 4),
                        GatedTile(128, 64, 64, 4, 3), GatedTile(64, 128, 64, 4, 4), GatedTile(256, 64, 64, 8, 3),
                        GatedTile(128, 128, 64, 8, 3, tma=True), GatedTile(128, 128, 64, 8, 4, tma=True),
-                       GatedTile(128, 64, 64, 4, 3, tma=True))
+                       GatedTile(128, 64, 64, 4, 3, tma=True),
+                       GatedTile(128, 128, 64, 8, 3, tma=True, persistent_per_sm=1),
+                       GatedTile(128, 64, 64, 4, 3, tma=True, persistent_per_sm=2))
 # Small tiles keep the interpreter's numpy emulation fast.
 INTERPRETER_CANDIDATE_TILES = (GatedTile(16, 16, 16, 1, 1), GatedTile(32, 16, 32, 2, 1),
-                               GatedTile(16, 16, 16, 1, 1, tma=True))
+                               GatedTile(16, 16, 16, 1, 1, tma=True), GatedTile(16, 16, 16, 1, 1, tma=True,
+                                                                                 persistent_per_sm=1))
 
 
 def candidate_tiles(device: torch.device, dtype: torch.dtype) -> list[GatedTile]:
@@ -179,13 +196,18 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: GatedTile, out: to
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+    tiles = triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n)
+    grid = (tiles,)
     if tile.tma and _tma_fits(x, weight, out):
-        _gate_up_silu_tma_kernel[grid](TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k]),
-                                       TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
-                                       TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n]), m, n, k,
-                                       BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
-                                       num_warps=tile.num_warps, num_stages=tile.num_stages)
+        # A persistent launch's program count is a compile-time constant of the device, not of the step
+        # (no new compile for a new row count); with fewer tiles than that, a program a tile.
+        programs = sm_count(x.device) * tile.persistent_per_sm
+        _gate_up_silu_tma_kernel[(min(tiles, programs) if programs else tiles,)](
+            TensorDescriptor.from_tensor(x, [tile.block_m, tile.block_k]),
+            TensorDescriptor.from_tensor(weight, [tile.block_n, tile.block_k]),
+            TensorDescriptor.from_tensor(out, [tile.block_m, tile.block_n]), m, n, k,
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8, PROGRAMS=programs,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
         return out
     # A TMA tile whose tensors a bulk copy cannot address runs as the same tile through plain loads.
     _gate_up_silu_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),

@@ -133,8 +133,8 @@ CHILD = textwrap.dedent('''
             build(f"gated-{tile}-descriptors", gated_mlp._gate_up_silu_tma_kernel,
                   {"x_desc": f"tensordesc<bf16[{bm},{bk}]>", "w_desc": f"tensordesc<bf16[{bn},{bk}]>",
                    "y_desc": f"tensordesc<bf16[{bm},{bn}]>"},
-                  dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=tile.num_warps,
-                  num_stages=tile.num_stages)
+                  dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PROGRAMS=132 * tile.persistent_per_sm),
+                  num_warps=tile.num_warps, num_stages=tile.num_stages)
     build("rms-norm", fo._rms_norm_kernel,
           dict.fromkeys(["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr"], "*bf16"),
           dict(HAS_RESIDUAL=True, BLOCK=4096), floats=("eps",), num_warps=16)

@@ -73,6 +73,19 @@ def test_every_gpu_tile_at_the_8b_shape(tile, m):
     _check(*_inputs(m, 4096, 14336, torch.bfloat16, seed=m), tile)
 
 
+@pytest.mark.parametrize("programs_an_sm", [1, 2])
+def test_persistent_programs_take_every_tile_in_turn(monkeypatch, programs_an_sm):
+    """Fewer persistent programs than output tiles: each takes tile after tile (7 x 5 tiles over 3 or
+    6 programs, row and feature edges included); more programs than tiles: a program a tile."""
+    tile = next(t for t in candidate_tiles(DEVICE, torch.float16) if t.persistent_per_sm)
+    tile = GatedTile(tile.block_m, tile.block_n, tile.block_k, tile.num_warps, tile.num_stages, tma=True,
+                     persistent_per_sm=programs_an_sm)
+    monkeypatch.setattr(gated_mlp, "sm_count", lambda device: 3)
+    _check(*_inputs(7 * tile.block_m - 3, 64, 5 * tile.block_n - 8, torch.float16, seed=4), tile)
+    monkeypatch.setattr(gated_mlp, "sm_count", lambda device: 64)
+    _check(*_inputs(2 * tile.block_m, 64, 3 * tile.block_n, torch.float16, seed=5), tile)
+
+
 def test_the_output_buffer_is_written_and_no_rows_is_nothing():
     tile = candidate_tiles(DEVICE, torch.float16)[0]
     x, w = _inputs(5, 32, 16, torch.float16, seed=1)
