@@ -50,7 +50,8 @@ if HAS_TRITON:
         up = acc_u.to(act).to(tl.float32)
         return (gate / (1.0 + tl.exp(-gate)) * up).to(act)
 
-    @triton.jit
+    # M (the step's rows) is not specialised: a step of a new row count compiles nothing mid-serving.
+    @triton.jit(do_not_specialize=["M"])
     def _gate_up_silu_kernel(X, W, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
@@ -87,7 +88,7 @@ if HAS_TRITON:
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _gate_up_silu_tma_kernel(x_desc, w_desc, y_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
         """The same through Hopper's tensor memory accelerator: each tile is one bulk copy, which needs no

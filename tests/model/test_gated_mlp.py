@@ -203,3 +203,4 @@ def test_engine_tunes_the_choices_on_a_gpu(make_llm):
         [(int(key.split()[0]), t.chosen) for key, t in timings.items()])
     assert _tokens(llm) == ref
     assert make_llm(enforce_eager=False, max_num_seqs=8).engine.runner.gated_timings == {}  # fp32: no candidates
+
