@@ -135,7 +135,9 @@ def test_tuned_choices_keep_only_the_changes():
     assert gated_mlp_tuning.tuning_rows(2048) == [256, 1024] and gated_mlp_tuning.tuning_rows(100) == []
 
 
-PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 30)), list(range(40, 110)))]
+# The longest makes a step of more than 256 rows, the GPU tuner's smallest row count.
+PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 30)), list(range(40, 110)),
+                                                  [50 + i % 300 for i in range(300)])]
 
 
 def _tokens(llm):
