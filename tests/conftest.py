@@ -171,6 +171,30 @@ def host_round_trips_refused():
         triton_backend.to_device = saved_upload
 
 
+class StandInTimer:
+    """A startup tuner's time_fn for CPU tests, where nothing is timed. Each call runs every candidate
+    once as its timing graph would capture it (no host round trips), checks that all agree with the
+    first, and ranks them: call i's fastest is candidate fastest(i, n) of n, the rest slower in
+    candidate order. `calls` holds each call's (candidates, rows of the first one's result)."""
+
+    def __init__(self, fastest):
+        self.fastest = fastest
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, fns):
+        with host_round_trips_refused():
+            outs = [fn().clone() for fn in fns]  # candidates may share an output buffer
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
+        best = self.fastest(len(self.calls), len(fns))
+        self.calls.append((len(fns), outs[0].shape[0]))
+        return [0.5 if j == best else 1.0 + j for j in range(len(fns))]
+
+    @property
+    def candidates(self) -> list[int]:
+        return [n for n, _ in self.calls]
+
+
 @pytest.fixture
 def with_prefill_graphs():
     """Give an eager Triton LLM step graph sets built (not captured: what a capture records, run as a

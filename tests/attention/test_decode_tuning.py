@@ -11,7 +11,7 @@ from loopserve import SamplingParams  # noqa: E402
 from loopserve.attention.triton_decode import candidate_decode_tiles  # noqa: E402
 from loopserve.device_caps import FEW, MANY, sm_count  # noqa: E402
 from loopserve.runner.decode_tuning import tune_decode_tiles  # noqa: E402
-from tests.conftest import host_round_trips_refused  # noqa: E402
+from tests.conftest import StandInTimer  # noqa: E402
 
 PROMPTS = [{"prompt_token_ids": ids} for ids in (list(range(3, 40)), [7, 8, 9], list(range(60, 90)))]
 
@@ -41,22 +41,12 @@ def test_each_regime_keeps_its_fastest_tile_and_decodes_the_same(make_llm, monke
     assert runner.backend.decode_tiles == {} and runner.decode_timings == {}  # no graphs, no tuning
     candidates = candidate_decode_tiles(FEW, torch.float32, torch.device("cpu"))
     assert candidates == candidate_decode_tiles(MANY, torch.float32, torch.device("cpu"))
-    seen = []
-
-    def time_fn(fns):
-        with host_round_trips_refused():  # each fn is what a timing graph captures
-            outs = [fn().clone() for fn in fns]
-        for out in outs[1:]:
-            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
-        seen.append((len(fns), outs[0].shape[0]))
-        # FEW keeps the last candidate, MANY the second
-        fastest = len(fns) - 1 if len(seen) == 1 else 1
-        return [0.5 if i == fastest else 1.0 + i for i in range(len(fns))]
+    timer = StandInTimer(lambda call, n: n - 1 if call == 0 else 1)  # FEW keeps the last candidate, MANY the second
 
     many_batch = 9  # two KV heads: more than two programs an SM
     timings = tune_decode_tiles(runner.backend, runner.kv_caches[0], runner.cfg.num_heads, many_batch,
-                                table_width=12, time_fn=time_fn)
-    assert seen == [(len(candidates), 1), (len(candidates), many_batch)] and list(timings) == [FEW, MANY]
+                                table_width=12, time_fn=timer)
+    assert timer.calls == [(len(candidates), 1), (len(candidates), many_batch)] and list(timings) == [FEW, MANY]
     assert runner.backend.decode_tiles == {FEW: candidates[-1], MANY: candidates[1]}
     for t in timings.values():
         assert t.ms[str(t.chosen)] == min(t.ms.values()) and list(t.ms) == [str(c) for c in candidates]

@@ -13,7 +13,7 @@ from loopserve import SamplingParams  # noqa: E402
 from loopserve.attention.triton_extend import SHORT, SHORT_MAX_QUERY_LEN, candidate_extend_tiles  # noqa: E402
 from loopserve.device_caps import FEW, MANY  # noqa: E402
 from loopserve.runner.extend_tuning import tune_extend_tiles  # noqa: E402
-from tests.conftest import host_round_trips_refused  # noqa: E402
+from tests.conftest import StandInTimer  # noqa: E402
 
 PROMPTS = [{"prompt_token_ids": ids} for ids in (list(range(3, 40)), [7, 8, 9], list(range(60, 130)))]
 SHORT_PROMPTS = [{"prompt_token_ids": ids} for ids in (list(range(5, 25)), [4, 5, 6])]
@@ -40,21 +40,11 @@ def test_each_regime_keeps_its_fastest_tile_and_attends_the_same(make_llm, monke
     candidates = candidate_extend_tiles(FEW, head_dim, torch.float32, torch.device("cpu"))
     for regime in (MANY, SHORT):
         assert candidates == candidate_extend_tiles(regime, head_dim, torch.float32, torch.device("cpu"))
-    seen = []
     # By call: FEW keeps the last candidate, MANY the second, SHORT the third.
-    keep = {1: len(candidates) - 1, 2: 1, 3: 2}
-
-    def time_fn(fns):
-        with host_round_trips_refused():  # each fn is what a timing graph captures
-            outs = [fn() for fn in fns]
-        for out in outs[1:]:
-            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
-        seen.append(len(fns))
-        return [0.5 if i == keep[len(seen)] else 1.0 + i for i in range(len(fns))]
-
+    timer = StandInTimer(lambda call, n: [n - 1, 1, 2][call])
     timings = tune_extend_tiles(runner.backend, runner.kv_caches[0], runner.cfg.num_heads, max_model_len=48,
-                                time_fn=time_fn)
-    assert seen == [len(candidates)] * 3 and list(timings) == [FEW, MANY, SHORT]
+                                time_fn=timer)
+    assert timer.candidates == [len(candidates)] * 3 and list(timings) == [FEW, MANY, SHORT]
     assert runner.backend.extend_tiles == {FEW: candidates[-1], MANY: candidates[1], SHORT: candidates[2]}
     for t in timings.values():
         assert t.ms[str(t.chosen)] == min(t.ms.values()) and list(t.ms) == [str(c) for c in candidates]

@@ -12,7 +12,7 @@ from loopserve.model.gated_mlp import (UNFUSED, GatedTile, candidate_tiles, choi
                                        gate_up_silu, gate_up_silu_unfused, gated_problem)
 from loopserve.runner import gated_mlp_tuning  # noqa: E402
 from loopserve.runner.gated_mlp_tuning import tune_gated_mlp  # noqa: E402
-from tests.conftest import host_round_trips_refused  # noqa: E402
+from tests.conftest import StandInTimer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -160,19 +160,9 @@ def test_the_fastest_choice_at_each_row_count_runs_the_mlps_and_decodes_the_same
     runnable = [UNFUSED, *gated_mlp.INTERPRETER_CANDIDATE_TILES]
     # 4 rows: UNFUSED fastest; 16 rows: the last tile; 64 rows: the first tile.
     fastest_at = [0, len(runnable) - 1, 1]
-    seen = []
-
-    def time_fn(fns):
-        with host_round_trips_refused():  # each fn is what a timing graph captures
-            outs = [fn() for fn in fns]
-        for out in outs[1:]:
-            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
-        i = len(seen)
-        seen.append(len(fns))
-        return [0.5 if j == fastest_at[i] else 1.0 + j for j in range(len(fns))]
-
-    timings = tune_gated_mlp(model, max_rows=64, time_fn=time_fn)
-    assert seen == [len(runnable)] * 3  # the broken tile never reached the timer
+    timer = StandInTimer(lambda call, n: fastest_at[call])
+    timings = tune_gated_mlp(model, max_rows=64, time_fn=timer)
+    assert timer.candidates == [len(runnable)] * 3  # the broken tile never reached the timer
     assert list(timings) == ["4 rows", "16 rows", "64 rows"]
     assert [t.chosen for t in timings.values()] == [runnable[i] for i in fastest_at]
     assert all(list(t.ms) == [str(c) for c in runnable] for t in timings.values())

@@ -9,7 +9,7 @@ from loopserve import SamplingParams  # noqa: E402
 from loopserve.model import gemv  # noqa: E402
 from loopserve.model.llama import LOGITS_ROLE  # noqa: E402
 from loopserve.runner.gemv_tuning import tune_gemv_choices  # noqa: E402
-from tests.conftest import host_round_trips_refused  # noqa: E402
+from tests.conftest import StandInTimer  # noqa: E402
 
 ROLES = ["qkv", "o", "gate_up", "down", LOGITS_ROLE]
 PROMPTS = [{"prompt_token_ids": ids} for ids in ([5, 6, 7], list(range(10, 30)))]
@@ -41,20 +41,10 @@ def test_the_fastest_choice_of_each_role_is_kept_and_decodes_the_same(make_llm, 
                 for role in ROLES}
     # Role i's fastest is candidate (-1 - i): cuBLAS for qkv, tiles for the others.
     want = {role: runnable[role][-1 - i] for i, role in enumerate(ROLES)}
-    seen = []
-
-    def time_fn(fns):
-        with host_round_trips_refused():  # each fn is what a timing graph captures
-            outs = [fn() for fn in fns]
-        for out in outs[1:]:
-            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=1e-5)
-        i = len(seen)
-        seen.append(len(fns))
-        return [0.5 if j == len(fns) - 1 - i else 1.0 + j for j in range(len(fns))]
-
-    timings = tune_gemv_choices(model, time_fn)
+    timer = StandInTimer(lambda call, n: n - 1 - call)
+    timings = tune_gemv_choices(model, timer)
     assert list(timings) == ROLES and model.gemv_choices == want
-    assert seen == [len(runnable[role]) for role in ROLES]  # the broken tile never reached the timer
+    assert timer.candidates == [len(runnable[role]) for role in ROLES]  # the broken tile never reached the timer
     for role, t in timings.items():
         assert list(t.ms) == [str(c) for c in runnable[role]] and t.chosen == want[role]
         assert t.ms[str(t.chosen)] == min(t.ms.values())
