@@ -279,14 +279,16 @@ def default_extend_tile(head_dim: int, dtype: torch.dtype, device: torch.device,
 # two warpgroups meet at a barrier every key tile, so softmax and tensor-core work take turns. Two
 # candidates keep 128 rows with two programs an SM, whose warpgroups do not wait for each other: 128 x
 # 32 at 4 warps (255 registers, 64 KB of shared memory, no spills) and at 8 warps capped to 128
-# registers (no spills unsplit). Neither is measured yet; the FEW twin splits two ways.
+# registers (no spills unsplit). Neither is measured yet; the FEW twin splits two ways. Under the GPU
+# machine's Triton 3.6 the 4-warp 128 x 32 spills 44 bytes unsplit (none under 3.9); 128 x 16 at 4 warps
+# (249 registers, 48 KB) does not under either, and also fits two an SM.
 _GPU_EXTEND_CANDIDATES = {
     FEW: (ExtendTile(64, 128, 4, 2), ExtendTile(64, 128, 8, 2), ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 8, 2),
           ExtendTile(128, 64, 8, 2), ExtendTile(64, 64, 4, 2, per_sm=2), ExtendTile(64, 64, 4, 3, per_sm=2),
           ExtendTile(64, 32, 4, 2, per_sm=3), ExtendTile(128, 32, 4, 2, per_sm=2)),
     MANY: (ExtendTile(64, 64, 4, 2), ExtendTile(64, 64, 4, 3), ExtendTile(128, 64, 8, 2), ExtendTile(128, 64, 8, 3),
            ExtendTile(128, 128, 8, 2), ExtendTile(64, 128, 8, 2), ExtendTile(128, 32, 4, 2, per_sm=2),
-           ExtendTile(128, 32, 8, 2, per_sm=2, max_registers=128)),
+           ExtendTile(128, 32, 8, 2, per_sm=2, max_registers=128), ExtendTile(128, 16, 4, 2, per_sm=2)),
 }
 _INTERPRETER_EXTEND_CANDIDATES = (ExtendTile(16, 8, 1, 1), ExtendTile(16, 16, 1, 1), ExtendTile(32, 8, 1, 1),
                                   ExtendTile(16, 8, 1, 1, per_sm=2))
