@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     TensorDescriptor = None
 
 if HAS_TRITON:
+    from loopserve.model.fused_ops import silu_times
 
     @triton.jit
     def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -46,9 +47,7 @@ if HAS_TRITON:
     def _silu_mul(acc_g, acc_u, act: tl.constexpr):
         """fused_ops' SiLU-mul of gate and up, each rounded to the activation dtype first (as the GEMM's
         output is), in the activation dtype."""
-        gate = acc_g.to(act).to(tl.float32)
-        up = acc_u.to(act).to(tl.float32)
-        return (gate / (1.0 + tl.exp(-gate)) * up).to(act)
+        return silu_times(acc_g.to(act).to(tl.float32), acc_u.to(act).to(tl.float32)).to(act)
 
     # M (the step's rows) is not specialised: a step of a new row count compiles nothing mid-serving.
     @triton.jit(do_not_specialize=["M"])
@@ -198,7 +197,6 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: GatedTile, out: to
     if m == 0:
         return out
     tiles = triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n)
-    grid = (tiles,)
     if tile.tma and _tma_fits(x, weight, out):
         # A persistent launch's program count is a compile-time constant of the device, not of the step
         # (no new compile for a new row count); with fewer tiles than that, a program a tile.
@@ -211,7 +209,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tile: GatedTile, out: to
             num_warps=tile.num_warps, num_stages=tile.num_stages)
         return out
     # A TMA tile whose tensors a bulk copy cannot address runs as the same tile through plain loads.
-    _gate_up_silu_kernel[grid](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+    _gate_up_silu_kernel[(tiles,)](x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
                                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
                                EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out

@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from loopserve.device_caps import pdl_supported, sm_count
 from loopserve.model.fused_ops import HAS_TRITON, rms_norm, silu_and_mul, tl, triton
 
+if HAS_TRITON:
+    from loopserve.model.fused_ops import silu_times
+
 # Rows (tokens) the fused path takes; larger batches use cuBLAS and the separate kernels.
 MAX_GEMV_ROWS = 4
 
@@ -70,7 +73,7 @@ if HAS_TRITON:
             # x holds [gate | up], 2K wide.
             g = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
             u = tl.load(x_rows + K + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            return (g / (1.0 + tl.exp(-g)) * u).to(act).to(tl.float32)
+            return silu_times(g, u).to(act).to(tl.float32)
         xv = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
         if NORM:
             nw = tl.load(NW + k, mask=k < K, other=0.0).to(tl.float32)
