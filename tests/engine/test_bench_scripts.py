@@ -232,3 +232,26 @@ def test_prompt_tokens_bench_checks_the_ids_and_reports_both_ways(tiny_llama, tm
     row = json.loads(out.read_text())
     assert row["segmenting"] and row["turns"] == 4 and row["last_turn_tokens"] > row["first_turn_tokens"]
     assert len(row["per_turn_ms_whole"]) == len(row["per_turn_ms_segments"]) == 4
+
+
+def test_gpu_check_parses_and_its_test_list_collects():
+    """A renamed test file or test would cost a device run its GPU tests: gpu_check.sh parses, and every
+    path and node id its test step names is collected here (the same files, on CPU)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    command = next(line for line in text.splitlines() if "python -m pytest" in line)
+    targets = [t.strip('"') for t in re.findall(r'"?tests/[^\s"]+"?', command)]
+    assert any(t.endswith("test_gated_mlp.py") for t in targets) and any("::" in t for t in targets)
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             *targets], cwd=root, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    collected = {line for line in listed.stdout.splitlines() if "::" in line}
+    for target in targets:
+        assert any(node.startswith(target) for node in collected), f"{target} collects no test"
