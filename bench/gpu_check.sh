@@ -75,11 +75,11 @@ step 180 python -m pytest -q -p no:cacheprovider -n 14 -rfE --durations=25 --dev
   2>&1 | tee "${OUT:-.}/gpu-tests.log" | grep -E "passed|failed|Error|error|FAILED|skipped: the" | tail -25
 fi
 if part targets; then
-echo "== 8B"
-g 180 engine --config $B8
+echo "== 8B (then profiles of its batch-1 decode and both long-prompt turns, on the same warm engine)"
+g 180 engine --config $B8 --profile-top 15
 g 40 floor --config $B8
 echo "== 135M"
-g 90 engine --config $B135
+g 90 engine --config $B135 --profile-top 15
 g 30 floor --config $B135
 echo "== 8B saturation (sharegpt-like, random 1000/1000)"
 g 80 throughput --config $B8 --workload sharegpt --seconds 20

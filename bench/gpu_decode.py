@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -158,7 +159,11 @@ def _tuned(timings: dict) -> dict | None:
 
 
 def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, device: str, backend: str,
-           eager: bool, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True) -> dict:
+           eager: bool, overlap: bool | None = None, fused_gemv: str = "auto", pdl: bool = True,
+           profile_top: int = 0) -> Iterator[dict]:
+    """The engine row; then, with profile_top, bench.gpu_profile's decode and long-prompt phases on the
+    same warm engine (their top profile_top kernels), each its own row. The engine row comes first, so
+    a profile that fails or runs past the step's time costs only itself."""
     from loopserve.engine.core import EngineRequest
     from loopserve.sampling_params import SamplingParams
 
@@ -224,7 +229,7 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
             cached_ttfts.append(run(f"cached8k{i}", long_prompt + prompt(256), 1)[0])
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
     tok_s = statistics.median(overlap_tok_s)
-    return {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
+    yield {"mode": "engine", "backend": core.runner.backend.name, "cuda_graphs": core.runner.graphs is not None,
             "overlap": overlap, "fused_decode_gemv": fused_gemv, "pdl": core.runner.pdl,
             # "auto": each small decode graph's startup timing, {batch: [ms cuBLAS, ms fused]}, and the winners
             "fused_gemv_timings": getattr(core.runner.graphs, "fused_timings", None) or None,
@@ -242,6 +247,11 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
             "ttft_long_cached_plus_256_s": statistics.median(cached_ttfts) if cached_ttfts else None,
             "ttft_long_cold_samples_s": cold_ttfts or None, "ttft_long_cached_plus_256_samples_s": cached_ttfts or None,
             "prefix_hit_tokens": core.kv.stats.hit_tokens}
+    if profile_top:
+        from bench.gpu_profile import profile_turns
+
+        for row in profile_turns(core, device, prompt, long_len, profile_top):
+            yield row | {"fused_decode_gemv": fused_gemv, "profiled_in": "engine"}
 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
@@ -407,6 +417,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--long-prompt-len", type=int, default=8192, help="engine mode: 0 skips the long-prompt TTFTs")
+    ap.add_argument("--profile-top", type=int, default=0,
+                    help="engine mode: then profile batch-1 decode and both long-prompt turns on the warm engine, "
+                         "naming this many top kernels (bench.gpu_profile; 0: no profiles)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -414,23 +427,24 @@ def main(argv=None) -> None:
     cfg = load_model_config(folder, "dummy")
     try:
         if args.mode == "floor":
-            res = floor(cfg, args.batch)
+            rows = [floor(cfg, args.batch)]
         elif args.mode == "engine":
-            res = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
-                         args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv,
-                         args.pdl)
+            rows = engine(folder, cfg, args.prompt_len, args.output_len, args.long_prompt_len, args.device,
+                          args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv,
+                          args.pdl, args.profile_top)
         elif args.mode == "throughput":
-            res = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                             args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs,
-                             args.max_num_seqs)
+            rows = [throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
+                               args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs,
+                               args.max_num_seqs)]
         else:
-            res = hf(folder, args.prompt_len, args.output_len)
+            rows = [hf(folder, args.prompt_len, args.output_len)]
+        for res in rows:  # each as soon as it is measured
+            emit(res, args.config, args.device, args.out)
     finally:
         # _core froze the engine's heap. Frozen objects are never collected (a caller's process keeps
         # running: the tests), and outlive the interpreter's last collection, which extensions report
         # as leaks.
         gc.unfreeze()
-    emit(res, args.config, args.device, args.out)
 
 
 if __name__ == "__main__":

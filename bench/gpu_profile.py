@@ -1,13 +1,15 @@
 """Where a step's time goes, for the issue-5 cells still short of target (dummy weights, torch.profiler).
 
-Three phases, each profiled on its own after a warm-up, each one JSON line:
+Four phases, each profiled on its own after a warm-up, each one JSON line:
   decode_b1         batch-1 decode steps (graph replays): device busy time against wall time shows the
                     host gap overlap scheduling is meant to close;
-  cached_plus_new   one request whose first `--long-len` tokens are cached, plus 256 new (the TTFT cell);
+  cold_long         a cold `--long-len`-token prompt to its first token (the cold TTFT cell);
+  cached_plus_new   256 new tokens over that prompt as a cached prefix (the cached TTFT cell);
   mixed             `--batch` requests decoding while a `--prefill-len` prompt arrives every step (the
                     eager mixed steps that bound saturation throughput).
-Per phase: wall ms per step, device-busy ms per step (sum of kernel time), the top kernels and the top
-host-side ops by self time.
+Per phase: wall ms per step and in all, device-busy ms per step and in all (sum of kernel time), the
+top kernels and the top host-side ops by self time. The first three also run inside
+`bench.gpu_decode engine --profile`, on the engine its timed rows warmed (`profile_turns`).
 
   python -m bench.gpu_profile --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +52,7 @@ def _summary(prof, phase: str, wall_s: float, steps: int, top: int) -> dict:
     on_device = busy_ms > 0  # no kernels recorded: a CPU run, nothing to say about device idle time
     return {"mode": f"profile_{phase}", "steps": steps, "wall_ms_per_step": wall_s * 1e3 / steps,
             "device_busy_ms_per_step": busy_ms / steps if on_device else None,
+            "wall_ms": wall_s * 1e3, "device_busy_ms": busy_ms if on_device else None,
             "device_idle_share": max(0.0, 1 - busy_ms / (wall_s * 1e3)) if on_device else None,
             "top_kernels": [{"name": n, "calls": c, "ms": round(d, 3)} for n, c, d, _ in by_dev],
             "top_host_ops": [{"name": n, "calls": c, "self_cpu_ms": round(h, 3)} for n, c, _, h in by_cpu]}
@@ -70,6 +74,39 @@ def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, b
     return _summary(prof, phase, wall, max(done, 1), top)
 
 
+def add_request(core: EngineCore, rid: str, ids: list[int], max_tokens: int) -> None:
+    """A greedy request of `ids`, sent as the server sends them (bench/gpu_decode.py: ids_checked)."""
+    core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                   ids_checked=True))
+
+
+def drain(core: EngineCore) -> None:
+    while core.has_unfinished():
+        core.step()
+
+
+def profile_turns(core: EngineCore, device: str, prompt: Callable[[int], list[int]], long_len: int,
+                  top: int) -> Iterator[dict]:
+    """The decode_b1, cold_long and cached_plus_new phases, on an engine that has already run their shapes
+    (a batch-1 decode of a 128-token prompt, a cold `long_len` prompt, 256 new tokens over a cached one),
+    so each costs its own seconds and no first-time compile. `prompt(n)`: n fresh token ids. long_len 0:
+    the decode phase alone."""
+    add_request(core, "profile_b1", prompt(128), 64)
+    for _ in range(4):
+        core.step()
+    yield _profiled(core, device, "decode_b1", 32, top)
+    drain(core)
+    if long_len <= 0:
+        return
+    long_prompt = prompt(long_len)
+    add_request(core, "profile_cold", long_prompt, 1)
+    yield _profiled(core, device, "cold_long", 8, top)
+    drain(core)
+    add_request(core, "profile_cached", long_prompt + prompt(256), 1)
+    yield _profiled(core, device, "cached_plus_new", 8, top)
+    drain(core)
+
+
 def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, top: int,
         decode_only: bool = False, fused_gemv: str = "auto") -> list[dict]:
     folder = dummy_model_dir(config)
@@ -86,52 +123,31 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
     def prompt(n: int) -> list[int]:
         return [rng.randrange(100, vocab - 1) for _ in range(n)]
 
-    def add(rid: str, ids: list[int], max_tokens: int) -> None:
-        core.add_request(EngineRequest(rid, ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                                       ids_checked=True))  # as the server sends them (bench/gpu_decode.py)
-
-    def drain() -> None:
-        while core.has_unfinished():
-            core.step()
-
-    results = []
-    # batch-1 decode
-    add("warm", prompt(128), 16)
-    drain()
-    add("b1", prompt(128), 64)
-    for _ in range(4):
-        core.step()
-    results.append(_profiled(core, device, "decode_b1", 32, top))
-    drain()
+    add_request(core, "warm", prompt(128), 16)
+    drain(core)
     if decode_only:
-        return results
-    # cached prefix + 256 new tokens
-    long_prompt = prompt(long_len)
+        return list(profile_turns(core, device, prompt, 0, top))
     warm_prompt = prompt(long_len)
-    add("long_warm", warm_prompt, 1)
-    drain()
-    add("long_cached_warm", warm_prompt + prompt(256), 1)  # the cached + 256 shape itself, warmed
-    drain()
-    add("long", long_prompt, 1)
-    drain()
-    add("cached", long_prompt + prompt(256), 1)
-    results.append(_profiled(core, device, "cached_plus_new", 8, top))
-    drain()
+    add_request(core, "long_warm", warm_prompt, 1)
+    drain(core)
+    add_request(core, "long_cached_warm", warm_prompt + prompt(256), 1)  # the cached + 256 shape itself, warmed
+    drain(core)
+    results = list(profile_turns(core, device, prompt, long_len, top))
     # decodes mixed with a new prompt every step
     for i in range(batch):
-        add(f"d{i}", prompt(512), 256)
+        add_request(core, f"d{i}", prompt(512), 256)
     while not all(r.num_output_tokens for r in core.requests.values()):
         core.step()
 
     def arrival(i: int) -> None:
-        add(f"p{i}", prompt(prefill_len), 1)
+        add_request(core, f"p{i}", prompt(prefill_len), 1)
 
     for i in range(3):  # warm the mixed shapes
         arrival(1000 + i)
         core.step()
     results.append(_profiled(core, device, "mixed", 10, top, before_step=arrival))
     core.abort(list(core.requests))
-    drain()
+    drain(core)
     return results
 
 

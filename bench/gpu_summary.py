@@ -50,9 +50,10 @@ class Target:
 def row_line(r: dict) -> str:
     if r["mode"].startswith("profile_"):
         top = ", ".join(f'{k["name"][:40]} {k["ms"] / r["steps"]:.3f}' for k in r["top_kernels"][:5])
+        in_all = f'({r["wall_ms"]:.2f} / {r.get("device_busy_ms") or 0:.2f} ms in all)' if "wall_ms" in r else ""
         return " ".join([r["config"], r["mode"], f'fused_gemv={r.get("fused_decode_gemv")}',
-                         f'wall={r["wall_ms_per_step"]:.3f} ms/step',
-                         f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', "|", top])
+                         f'steps={r["steps"]}', f'wall={r["wall_ms_per_step"]:.3f} ms/step',
+                         f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', in_all, "|", top])
     fields = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
                       for k in ROW_KEYS if r.get(k) is not None)
     return f'{r["config"]} {r["mode"]} {fields}'

@@ -62,12 +62,19 @@ def test_gpu_decode_engine_times_decode_with_and_without_overlap(tiny_llama, tmp
 
     out = tmp_path / "gpu.jsonl"
     gpu_decode.main(["engine", "--config", str(tiny_llama / "config.json"), "--device", "cpu", "--prompt-len", "16",
-                     "--output-len", "6", "--long-prompt-len", "300", "--overlap-scheduling", "--out", str(out)])
-    row = json.loads(out.read_text().splitlines()[-1])
+                     "--output-len", "6", "--long-prompt-len", "300", "--overlap-scheduling", "--profile-top", "3",
+                     "--out", str(out)])
+    row, *profiles = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mode"] == "engine"
     assert row["overlap"] is True and row["decode_tok_s"] > 0 and row["decode_tok_s_no_overlap"] > 0
     assert row["ttft_long_cached_plus_256_s"] > 0 and row["prefix_hit_tokens"] > 0
     samples = row["ttft_long_cold_samples_s"]
     assert len(samples) == gpu_decode.LONG_PROMPT_REPEATS and row["ttft_long_cold_s"] == statistics.median(samples)
+    # Then the profiles, on the same warm engine: the long-prompt turns each to their first token.
+    assert [p["mode"] for p in profiles] == ["profile_decode_b1", "profile_cold_long", "profile_cached_plus_new"]
+    assert profiles[0]["steps"] == 32 and [p["steps"] for p in profiles[1:]] == [2, 2]  # launch, then read back
+    for p in profiles:
+        assert p["profiled_in"] == "engine" and p["wall_ms"] > 0 and len(p["top_host_ops"]) == 3
 
 
 def test_gpu_decode_engine_fused_gemv_decode_only(tiny_llama, tmp_path):
@@ -107,7 +114,8 @@ def test_gpu_profile_phases(tiny_llama, tmp_path):
     gpu_profile.main(["--config", str(tiny_llama / "config.json"), "--device", "cpu", "--long-len", "300",
                       "--prefill-len", "16", "--batch", "2", "--top", "3", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["mode"] for r in rows] == ["profile_decode_b1", "profile_cached_plus_new", "profile_mixed"]
+    assert [r["mode"] for r in rows] == ["profile_decode_b1", "profile_cold_long", "profile_cached_plus_new",
+                                         "profile_mixed"]
     for r in rows:
         assert r["steps"] >= 1 and r["wall_ms_per_step"] > 0 and r["top_host_ops"]
         assert r["device_busy_ms_per_step"] is None  # no kernels on a CPU run
