@@ -15,6 +15,7 @@ all-greedy step takes as its tokens; other sampling runs after the replay, outsi
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 
@@ -247,14 +248,14 @@ class PrefillGraphs:
         # The static inputs are views of two buffers, one a dtype, so a step's inputs (but its block
         # tables) travel in two host-to-device copies straight into them (`run`), where copying and
         # padding them buffer by buffer took ~15 small device operations and as many host calls.
-        longs, ints = long_segments(t, s), int_segments(s, p)
-        # Where each segment starts in the host images `_layout` builds every step.
-        self._long_starts, self._int_starts = np.cumsum(longs)[:-1], np.cumsum(ints)[:-1]
-        self._longs = torch.zeros(sum(longs), dtype=torch.long, device=device)
+        # `_layout` builds host images of both buffers every step, segment by segment.
+        self._long_segments = Segments(tuple(long_segments(t, s)), 8)
+        self._int_segments = Segments(tuple(int_segments(s, p)), 4)
+        self._longs = torch.zeros(self._long_segments.length, dtype=torch.long, device=device)
         (self.input_ids, self.positions, self.slot_mapping, self.logits_rows, self.single_q_rows,
-         self.single_rows, self._fill_dst, self._fill_src) = self._longs.split(longs)
-        self._ints = torch.ones(sum(ints), dtype=torch.int32, device=device)
-        self.query_start_loc, self.seq_lens, self.prompt_ids, self.single_lens = self._ints.split(ints)
+         self.single_rows, self._fill_dst, self._fill_src) = self._long_segments.views(self._longs)
+        self._ints = torch.ones(self._int_segments.length, dtype=torch.int32, device=device)
+        self.query_start_loc, self.seq_lens, self.prompt_ids, self.single_lens = self._int_segments.views(self._ints)
         self.query_start_loc.zero_()
         self.prompt_ids.zero_()
         self.slot_mapping.fill_(self.scratch_slot)
@@ -345,7 +346,7 @@ class PrefillGraphs:
         is a prompt, which leaves no prompt slot to pad."""
         n, b, s = len(host.token_ids), len(host.seq_lens), self.slots(t)
         longs = np.zeros(self._longs.shape[0], np.int64)
-        ids, pos, slots, logits_rows, single_q, single_out, fill_dst, fill_src = np.split(longs, self._long_starts)
+        ids, pos, slots, logits_rows, single_q, single_out, fill_dst, fill_src = self._long_segments.views(longs)
         ids[:n] = host.token_ids  # a pending token's entry is overwritten on the device
         pos[:n] = host.positions
         slots[:n] = host.slots
@@ -354,7 +355,7 @@ class PrefillGraphs:
         fill_dst[:len(host.fill_dst)] = host.fill_dst
         fill_src[:len(host.fill_src)] = host.fill_src
         ints = np.ones(self._ints.shape[0], np.int32)
-        qsl, lens, prompt_ids, single_lens = np.split(ints, self._int_starts)
+        qsl, lens, prompt_ids, single_lens = self._int_segments.views(ints)
         qsl[:b + 1] = host.query_start_loc
         qsl[b + 1:] = n
         lens[:b] = host.seq_lens
@@ -369,6 +370,31 @@ class PrefillGraphs:
                 single_q[i] = single_out[i] = host.query_start_loc[i]
                 single_lens[i] = host.seq_lens[i]
         return longs, ints
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Consecutive segments of one buffer, `sizes` elements of `itemsize` bytes each, every one starting
+    on a 16-byte boundary of it. Triton specialises a pointer argument on 16-byte alignment: a graph's
+    kernels reading an unaligned view would be other variants than the startup tuners timed, each
+    compiled again before the capture."""
+    sizes: tuple[int, ...]
+    itemsize: int
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        per = 16 // self.itemsize
+        ends = itertools.accumulate(-(-n // per) * per for n in self.sizes)
+        return [0, *itertools.islice(ends, len(self.sizes) - 1)]
+
+    @property
+    def length(self) -> int:
+        """The buffer's elements (the last segment unpadded)."""
+        return self.starts[-1] + self.sizes[-1]
+
+    def views(self, buffer):
+        """The segments of `buffer` (a tensor or a numpy array of `length` elements), as views."""
+        return [buffer[a:a + n] for a, n in zip(self.starts, self.sizes)]
 
 
 def long_segments(t: int, s: int) -> list[int]:

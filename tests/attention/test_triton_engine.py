@@ -104,6 +104,13 @@ def test_prefill_graph_layout_equals_torch(make_llm, with_prefill_graphs):
     ref = _run(make_llm(attention_backend="torch", **kw), staggered=False)
     llm = make_llm(attention_backend="triton", overlap_scheduling=True, **kw)
     served = with_prefill_graphs(llm, sizes=[8, 16, 32], max_seqs=4)
+    # Every static input starts 16-byte aligned (a graph's kernels are the variants the tuners timed),
+    # though 5 query starts (20 bytes) come first in the int32 buffer.
+    graphs = llm.engine.runner.step_graphs[0]
+    inputs = [graphs.input_ids, graphs.positions, graphs.slot_mapping, graphs.logits_rows, graphs.single_q_rows,
+              graphs.single_rows, graphs.query_start_loc, graphs.seq_lens, graphs.prompt_ids, graphs.single_lens]
+    assert [v.numel() for v in inputs[-4:]] == [5, 4, 4, 4]
+    assert all(v.data_ptr() % 16 == 0 for v in inputs)
     assert _run(llm, staggered=False) == ref
     # Both variants and several sizes served steps; steps of 5 sequences (> 4 slots) ran eagerly.
     assert {w for _, _, w in served} == {True, False} and len({t for _, t, _ in served}) >= 2

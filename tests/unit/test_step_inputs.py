@@ -49,3 +49,16 @@ def test_unpack_writes_the_graph_buffers_and_takes_pending_tokens():
     unpack_decode_inputs(to_device(pack_decode_inputs(no_fill, b, SCRATCH, BLOCK), torch.long, DEVICE), None, b, 3,
                          ids, pos, slots, lens, tables)
     assert ids[:b].tolist() == [11, 12, 13, 0]
+
+
+def test_segments_start_16_byte_aligned_and_keep_their_sizes():
+    import numpy as np
+
+    from loopserve.runner.cuda_graphs import Segments
+
+    ints = Segments((5, 4, 3, 4), 4)
+    assert ints.starts == [0, 8, 12, 16] and ints.length == 20
+    image = np.arange(ints.length, dtype=np.int32)
+    assert [v.tolist() for v in ints.views(image)] == [[0, 1, 2, 3, 4], [8, 9, 10, 11], [12, 13, 14], [16, 17, 18, 19]]
+    longs = Segments((3, 2), 8)
+    assert longs.starts == [0, 4] and longs.length == 6
