@@ -81,9 +81,9 @@ g 40 floor --config $B8
 echo "== 135M"
 g 90 engine --config $B135 --profile-top 15
 g 30 floor --config $B135
-echo "== 8B saturation (sharegpt-like, random 1000/1000)"
-g 80 throughput --config $B8 --workload sharegpt --seconds 20
-g 80 throughput --config $B8 --workload random1000 --seconds 20
+echo "== 8B saturation (sharegpt-like, random 1000/1000), each then profiled for a few steps"
+g 80 throughput --config $B8 --workload sharegpt --seconds 20 --profile-top 15
+g 80 throughput --config $B8 --workload random1000 --seconds 20 --profile-top 15
 echo "== baselines: transformers eager"
 g 80 hf --config $B8 --output-len 32
 g 40 hf --config $B135 --output-len 32

@@ -105,6 +105,7 @@ def floor(cfg, batch: int) -> dict:
 BENCH_SCHEDULER = dict(max_num_batched_tokens=8192, long_prefill_token_threshold=8192)
 SATURATION_SEQS = 256
 LONG_PROMPT_REPEATS = 3  # fresh long prompts timed cold, each then timed again with 256 new tokens over it
+SATURATION_PROFILE_STEPS = 12  # saturation steps profiled after the window (--profile-top)
 
 
 # workload -> ((least, most) prompt tokens, (least, most) output tokens), each uniform (issue 5):
@@ -256,10 +257,12 @@ def engine(config_dir: Path, cfg, prompt_len: int, out_len: int, long_len: int, 
 
 def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str, backend: str,
                eager: bool, overlap: bool | None = None, warmup_s: float = 5.0, mixed_graphs: bool = True,
-               max_num_seqs: int = SATURATION_SEQS) -> dict:
+               max_num_seqs: int = SATURATION_SEQS, profile_top: int = 0) -> Iterator[dict]:
     """Saturation: more requests than fit are queued at once, and each one that finishes is replaced;
     output tokens per second over `seconds` of stepping after a warm-up (`output_tok_s`), and over
-    the warm-up and that together (`output_tok_s_from_start`), as many requests as the time allows."""
+    the warm-up and that together (`output_tok_s_from_start`), as many requests as the time allows.
+    With profile_top, then a profile of SATURATION_PROFILE_STEPS more steps of the same run (its top
+    profile_top kernels), its own row after this one."""
     import random
 
     from loopserve.engine.core import EngineRequest
@@ -354,7 +357,7 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
     SampledBatch.tokens = read_back
     mixed = [t for _, t, prompt in steps if prompt]
     eager = [t for t, graph_set in zip(mixed, graph_sets) if graph_set is None]
-    return {"mode": f"throughput_{workload}", "backend": core.runner.backend.name, "max_num_seqs": max_num_seqs,
+    yield {"mode": f"throughput_{workload}", "backend": core.runner.backend.name, "max_num_seqs": max_num_seqs,
             "cuda_graphs": core.runner.graphs is not None, "overlap": core.overlap,
             "mixed_step_graphs": len(core.runner.step_graphs) > 1, "output_tok_s": out_tokens / dt,
             # From the first step, the initial prefill included: where no request finishes within the
@@ -371,6 +374,11 @@ def throughput(config_dir: Path, cfg, workload: str, seconds: float, device: str
             "prompt_steps_graphed": {k: graph_sets.count(k) for k in sorted({g for g in graph_sets if g is not None})},
             "prompt_steps_eager": len(eager),
             "mean_tokens_eager_prompt_step": statistics.fmean(eager) if eager else 0}
+    if profile_top:
+        from bench.gpu_profile import profiled
+
+        yield profiled(core, device, f"saturation_{workload}", SATURATION_PROFILE_STEPS, profile_top) | {
+            "max_num_seqs": max_num_seqs, "profiled_in": "throughput"}
 
 
 def hf(config_dir: Path, prompt_len: int, out_len: int) -> dict:
@@ -418,8 +426,9 @@ def main(argv=None) -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--long-prompt-len", type=int, default=8192, help="engine mode: 0 skips the long-prompt TTFTs")
     ap.add_argument("--profile-top", type=int, default=0,
-                    help="engine mode: then profile batch-1 decode and both long-prompt turns on the warm engine, "
-                         "naming this many top kernels (bench.gpu_profile; 0: no profiles)")
+                    help="engine mode: then profile batch-1 decode and both long-prompt turns on the warm engine; "
+                         "throughput mode: then profile a few more steps of the run; naming this many top kernels "
+                         "(bench.gpu_profile; 0: no profiles)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -433,9 +442,9 @@ def main(argv=None) -> None:
                           args.attention_backend, args.enforce_eager, args.overlap_scheduling, args.fused_decode_gemv,
                           args.pdl, args.profile_top)
         elif args.mode == "throughput":
-            rows = [throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
-                               args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs,
-                               args.max_num_seqs)]
+            rows = throughput(folder, cfg, args.workload, args.seconds, args.device, args.attention_backend,
+                              args.enforce_eager, args.overlap_scheduling, args.warmup, args.mixed_step_graphs,
+                              args.max_num_seqs, args.profile_top)
         else:
             rows = [hf(folder, args.prompt_len, args.output_len)]
         for res in rows:  # each as soon as it is measured

@@ -58,7 +58,9 @@ def _summary(prof, phase: str, wall_s: float, steps: int, top: int) -> dict:
             "top_host_ops": [{"name": n, "calls": c, "self_cpu_ms": round(h, 3)} for n, c, _, h in by_cpu]}
 
 
-def _profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, before_step=None) -> dict:
+def profiled(core: EngineCore, device: str, phase: str, steps: int, top: int, before_step=None) -> dict:
+    """Up to `steps` engine steps (fewer if the engine runs out of work) under torch.profiler, summed
+    up as the `profile_<phase>` row; `before_step(i)`, if given, runs before step i (inside the profile)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     _sync(device)
     done = 0
@@ -94,16 +96,16 @@ def profile_turns(core: EngineCore, device: str, prompt: Callable[[int], list[in
     add_request(core, "profile_b1", prompt(128), 64)
     for _ in range(4):
         core.step()
-    yield _profiled(core, device, "decode_b1", 32, top)
+    yield profiled(core, device, "decode_b1", 32, top)
     drain(core)
     if long_len <= 0:
         return
     long_prompt = prompt(long_len)
     add_request(core, "profile_cold", long_prompt, 1)
-    yield _profiled(core, device, "cold_long", 8, top)
+    yield profiled(core, device, "cold_long", 8, top)
     drain(core)
     add_request(core, "profile_cached", long_prompt + prompt(256), 1)
-    yield _profiled(core, device, "cached_plus_new", 8, top)
+    yield profiled(core, device, "cached_plus_new", 8, top)
     drain(core)
 
 
@@ -145,7 +147,7 @@ def run(config: Path, device: str, long_len: int, prefill_len: int, batch: int, 
     for i in range(3):  # warm the mixed shapes
         arrival(1000 + i)
         core.step()
-    results.append(_profiled(core, device, "mixed", 10, top, before_step=arrival))
+    results.append(profiled(core, device, "mixed", 10, top, before_step=arrival))
     core.abort(list(core.requests))
     drain(core)
     return results

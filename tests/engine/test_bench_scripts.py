@@ -97,8 +97,10 @@ def test_gpu_decode_throughput_reports_its_steps(tiny_llama, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = tmp_path / "gpu.jsonl"
     gpu_decode.main(["throughput", "--config", str(tmp_path / "config.json"), "--device", "cpu", "--workload",
-                     "sharegpt", "--seconds", "1", "--warmup", "0.5", "--out", str(out)])
-    row = json.loads(out.read_text().splitlines()[-1])
+                     "sharegpt", "--seconds", "1", "--warmup", "0.5", "--profile-top", "3", "--out", str(out)])
+    row, profile = [json.loads(line) for line in out.read_text().splitlines()]
+    assert profile["mode"] == "profile_saturation_sharegpt" and profile["profiled_in"] == "throughput"
+    assert 1 <= profile["steps"] <= gpu_decode.SATURATION_PROFILE_STEPS and len(profile["top_host_ops"]) == 3
     assert row["output_tok_s"] > 0 and row["steps_per_s"] > 0 and row["mean_tokens_per_step"] > 0
     # No graphs on CPU: every step with prompt tokens ran eagerly
     assert row["prompt_steps_graphed"] == {} and row["mixed_step_graphs"] is False
