@@ -98,12 +98,11 @@ g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --
 g 60 throughput --config $B8 --workload sharegpt --max-num-seqs 32 --warmup 3 --seconds 12 --no-mixed-step-graphs
 fi
 if part profiles; then
-echo "== 8B profiles: batch-1 decode, 8k cached + 256, mixed decode + prefill steps; decode with the fused GEMVs"
-step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -3 | cut -c1-400
+# (The target rows' engines already profiled batch-1 decode, both long-prompt turns and saturation.)
+echo "== 8B profiles: mixed decode + prefill steps (after bench.gpu_profile's other phases); decode with the fused GEMVs"
+step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -1 | cut -c1-400
 step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
   | tail -1 | cut -c1-300
-echo "== 135M profile: batch-1 decode"
-step 40 python -m bench.gpu_profile --config $B135 --decode-only --long-len 1024 --out "$out" 2>&1 | tail -1 | cut -c1-300
 fi
 if part eager; then
   echo "== loopserve torch eager (the pre-Triton path)"
