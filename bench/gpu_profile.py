@@ -9,7 +9,7 @@ Four phases, each profiled on its own after a warm-up, each one JSON line:
                     eager mixed steps that bound saturation throughput).
 Per phase: wall ms per step and in all, device-busy ms per step and in all (sum of kernel time), the
 top kernels and the top host-side ops by self time. The first three also run inside
-`bench.gpu_decode engine --profile`, on the engine its timed rows warmed (`profile_turns`).
+`bench.gpu_decode engine --profile-top N`, on the engine its timed rows warmed (`profile_turns`).
 
   python -m bench.gpu_profile --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
 """
