@@ -9,6 +9,8 @@
 # --no-eager-baseline skips the last step (the torch eager engine, the path before the Triton kernels).
 # --parts LIST (comma-separated; default tests,targets,diagnostics,profiles,eager) runs only those parts:
 # a second, shorter device call can take the diagnostics and profiles that a first one's budget cut.
+# One part runs only when named: lanes (bench/gpu_lanes.py: a decode lane and a prefill lane at once,
+# whether running them side by side beats running them in turn; ~2 minutes).
 # --budget-s N (default 470): each step's timeout is cut to what is left of N seconds from the start, and
 # a step with under 10 s left is skipped, so the run ends, summary included, within 8 minutes (and the
 # device tool's 600 s a call). Order: the rows the targets and issue 5 need (engines, floors, saturation,
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
     --no-eager-baseline) eager_baseline=0 ;;
     --budget-s) budget="$2"; shift ;;
     --parts) parts="$2"; shift ;;
-    *) echo "usage: $0 [--no-eager-baseline] [--budget-s N] [--parts tests,targets,diagnostics,profiles,eager]" >&2
+    *) echo "usage: $0 [--no-eager-baseline] [--budget-s N] [--parts tests,targets,diagnostics,profiles,eager,lanes]" >&2
        exit 2 ;;
   esac
   shift
@@ -103,6 +105,10 @@ echo "== 8B profiles: mixed decode + prefill steps (after bench.gpu_profile's ot
 step 100 python -m bench.gpu_profile --config $B8 --out "$out" 2>&1 | tail -1 | cut -c1-400
 step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-gemv on --long-len 1024 --out "$out" 2>&1 \
   | tail -1 | cut -c1-300
+fi
+if part lanes; then
+  echo "== 8B: a decode lane (192 sequences) and a prefill lane (4,096 prompt tokens a step), alone and at once"
+  step 180 python -m bench.gpu_lanes --config $B8 --out "$out" 2>&1 | tail -1 | cut -c1-400
 fi
 if part eager; then
   echo "== loopserve torch eager (the pre-Triton path)"

@@ -265,3 +265,24 @@ def test_gpu_check_parses_and_its_test_list_collects():
     collected = {line for line in listed.stdout.splitlines() if "::" in line}
     for target in targets:
         assert any(node.startswith(target) for node in collected), f"{target} collects no test"
+
+
+def test_gpu_lanes_runs_both_lanes_alone_and_at_once(tiny_llama, tmp_path, capsys):
+    """The prefill-lane measurement: each lane alone, then both from their own threads, on one model
+    (the prefill engine takes the decode engine's); the summary line reads its row."""
+    from bench import gpu_lanes, gpu_summary
+
+    out = tmp_path / "gpu.jsonl"
+    gpu_lanes.main(["--config", str(tiny_llama / "config.json"), "--device", "cpu", "--decode-seqs", "3",
+                    "--prompt-len", "16", "--chunk", "40", "--seconds", "0.4", "--decode-kv-gib", "0.02",
+                    "--prefill-kv-gib", "0.01", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["mode"] == "lanes" and row["errors"] is None
+    assert row["decode_tok_s_alone"] > 0 and row["prefill_tok_s_alone"] > 0
+    assert row["decode_tok_s_both"] > 0 and row["prefill_tok_s_both"] > 0
+    fractions = [row[f"{lane}_tok_s_both"] / row[f"{lane}_tok_s_alone"] for lane in ("decode", "prefill")]
+    assert row["sum_of_fractions_both"] == pytest.approx(sum(fractions))
+    assert "both_decode_first" not in str(row)  # stream priorities: a GPU's alone
+    assert row["decode_context_end"] > 16
+    gpu_summary.main([str(out)])
+    assert "lanes decode_seqs=3 chunk=40" in capsys.readouterr().out
