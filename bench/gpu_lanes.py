@@ -34,6 +34,7 @@ import torch
 from bench.gpu_decode import dummy_model_dir, emit
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.engine.core import EngineCore, EngineRequest
+from loopserve.model import load_model_config
 from loopserve.sampling_params import SamplingParams
 
 
@@ -64,8 +65,11 @@ class Lane:
 def _engine(folder: Path, device: str, max_num_seqs: int, max_tokens_a_step: int, kv_bytes: int,
             eager: bool) -> EngineCore:
     dtype = "bf16" if device.startswith("cuda") else "fp32"
+    # As the saturation rows' engines (bench/gpu_decode.py): graph tables and tuning shapes for 16k.
+    max_model_len = min(load_model_config(folder, "dummy").max_position_embeddings, 16384)
     return EngineCore(EngineConfig(
         model=str(folder), load_format="dummy", dtype=dtype, device=device, enforce_eager=eager,
+        max_model_len=max_model_len,
         cache=CacheConfig(kv_cache_bytes=kv_bytes),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_a_step,
                                   long_prefill_token_threshold=max_tokens_a_step)))
