@@ -13,7 +13,9 @@ stream:
 Each lane runs alone for --seconds, then both at once: first on streams of equal priority, then with the
 decode lane's stream first. One JSON line, with each lane's tokens a second in each phase and, for each
 "both" phase, the sum over the lanes of both/alone. Running the lanes in turn sums to 1.0; what lies above
-is what overlap adds.
+is what overlap adds. Then, where PyTorch has CUDA green contexts, a second line: both at once with the
+prefill lane's kernels confined to --prefill-sms SMs (a GEMM filling every SM can leave the decode
+kernels none), the decode lane's on all of them.
 
   python -m bench.gpu_lanes --config bench/configs/llama-3.1-8b.json --out gpu.jsonl
 """
@@ -25,7 +27,7 @@ import gc
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import torch
 
 from bench.gpu_decode import dummy_model_dir, emit
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from loopserve.device_caps import sm_count
 from loopserve.engine.core import EngineCore, EngineRequest
 from loopserve.model import load_model_config
 from loopserve.sampling_params import SamplingParams
@@ -46,6 +49,7 @@ class Lane:
     core: EngineCore
     refill: Callable[[Lane], None]  # queues more work after one of the lane's requests finishes
     stream: torch.cuda.Stream | None = None
+    green: object = None  # a torch.cuda.green_contexts.GreenContext the lane's thread makes current
     tokens: int = 0
     added: int = 0
     counts_prompts: bool = False
@@ -90,8 +94,14 @@ def _run(lanes: list[Lane], seconds: float, device: str) -> dict[str, float]:
         # PyTorch's current stream is the thread's own: every launch and copy of this lane goes to its stream.
         with torch.cuda.stream(lane.stream) if lane.stream is not None else contextlib.nullcontext():
             try:
-                while not stop.is_set():
-                    lane.step()
+                if lane.green is not None:
+                    lane.green.set_context()
+                try:
+                    while not stop.is_set():
+                        lane.step()
+                finally:
+                    if lane.green is not None:
+                        lane.green.pop_context()
             except Exception as e:  # noqa: BLE001 - reported in the row, and the other lane stops too
                 lane.errors.append(repr(e))
                 stop.set()
@@ -110,7 +120,11 @@ def _run(lanes: list[Lane], seconds: float, device: str) -> dict[str, float]:
 
 
 def run(config: Path, device: str, decode_seqs: int, prompt_len: int, chunk: int, seconds: float,
-        decode_kv_bytes: int, prefill_kv_bytes: int) -> dict:
+        decode_kv_bytes: int, prefill_kv_bytes: int, prefill_sms: int | None = None) -> Iterator[dict]:
+    """The lanes row; then, on a GPU whose PyTorch has green contexts, the lanes_sm_partition row: both
+    lanes at once with the prefill lane's kernels confined to prefill_sms SMs (None: half, in eights),
+    the decode lane's on every SM, first. Its own row, after the first: a green context that fails
+    costs only itself."""
     folder = dummy_model_dir(config)
     rng = random.Random(0)
     # The prefill lane first, then the decode lane; the prefill lane then takes the decode lane's model
@@ -164,9 +178,26 @@ def run(config: Path, device: str, decode_seqs: int, prompt_len: int, chunk: int
             row[f"decode_tok_s_{phase}"] = got["decode"]
             row[f"prefill_tok_s_{phase}"] = got["prefill"]
             row[f"sum_of_fractions_{phase}"] = sum(got[k] / alone[k] for k in alone if alone[k] > 0)
+    yield row
+    from torch.cuda import green_contexts
+
+    if cuda and green_contexts.SUPPORTED:
+        sms = sm_count(torch.device(device))
+        n = prefill_sms or max(8, sms // 2 // 8 * 8)
+        dec.errors, pre.errors = [], []
+        try:
+            pre.green = green_contexts.GreenContext.create(num_sms=n)
+            pre.stream = pre.green.Stream()
+            got = _run([dec, pre], seconds, device)
+        except Exception as e:  # noqa: BLE001 - a driver or build without them: said in the row
+            pre.errors.append(repr(e))
+            got = {}
+        yield {"mode": "lanes_sm_partition", "prefill_sms": n, "sm_count": sms, "seconds": seconds,
+               "decode_tok_s_both": got.get("decode"), "prefill_tok_s_both": got.get("prefill"),
+               "sum_of_fractions_both": sum(got[k] / alone[k] for k in alone if alone[k] > 0) if got else None,
+               "errors": dec.errors + pre.errors or None}
     decode.abort(list(decode.requests))
     prefill.abort(list(prefill.requests))
-    return row
 
 
 def main(argv=None) -> None:
@@ -181,11 +212,13 @@ def main(argv=None) -> None:
     # for 192 sequences up to ~1,600 tokens of context (an H200's four phases end near 1,500), the graphs.
     ap.add_argument("--decode-kv-gib", type=float, default=38.0)
     ap.add_argument("--prefill-kv-gib", type=float, default=2.0)
+    ap.add_argument("--prefill-sms", type=int, help="the SM-partitioned phase: the prefill lane's SMs "
+                    "(default: half the GPU's, in eights)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    row = run(args.config, args.device, args.decode_seqs, args.prompt_len, args.chunk, args.seconds,
-              int(args.decode_kv_gib * (1 << 30)), int(args.prefill_kv_gib * (1 << 30)))
-    emit(row, args.config, args.device, args.out)
+    for row in run(args.config, args.device, args.decode_seqs, args.prompt_len, args.chunk, args.seconds,
+                   int(args.decode_kv_gib * (1 << 30)), int(args.prefill_kv_gib * (1 << 30)), args.prefill_sms):
+        emit(row, args.config, args.device, args.out)
 
 
 if __name__ == "__main__":
