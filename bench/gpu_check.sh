@@ -107,8 +107,8 @@ step 50 python -m bench.gpu_profile --config $B8 --decode-only --fused-decode-ge
   | tail -1 | cut -c1-300
 fi
 if part lanes; then
-  echo "== 8B: a decode lane (192 sequences) and a prefill lane (4,096 prompt tokens a step), alone and at once"
-  step 180 python -m bench.gpu_lanes --config $B8 --out "$out" 2>&1 | tail -1 | cut -c1-400
+  echo "== 8B: a decode lane (160 sequences) and a prefill lane (4,096 prompt tokens a step), alone and at once"
+  step 180 python -m bench.gpu_lanes --config $B8 --out "$out" 2>&1 | tail -2 | cut -c1-400
 fi
 if part eager; then
   echo "== loopserve torch eager (the pre-Triton path)"

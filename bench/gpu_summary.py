@@ -56,11 +56,12 @@ def row_line(r: dict) -> str:
                          f'busy={r["device_busy_ms_per_step"] or 0:.3f} ms/step', in_all, "|", top])
     if r["mode"].startswith("lanes"):  # bench/gpu_lanes.py
         head = ([f'decode_seqs={r["decode_seqs"]}', f'chunk={r["chunk"]}',
-                 f'alone: decode {r["decode_tok_s_alone"]:.0f} prefill {r["prefill_tok_s_alone"]:.0f} tok/s']
+                 f'prefill alone {r["prefill_tok_s_alone"]:.0f} tok/s']
                 if r["mode"] == "lanes" else [f'prefill on {r["prefill_sms"]} of {r["sm_count"]} SMs'])
-        phases = [f'| {p}: decode {r[f"decode_tok_s_{p}"]:.0f} prefill {r[f"prefill_tok_s_{p}"]:.0f} '
-                  f'sum of fractions {r[f"sum_of_fractions_{p}"]:.2f}'
+        phases = [f'| {p}: decode {r[f"decode_tok_s_{p}"]:.0f} (alone {r[f"decode_tok_s_alone_{p}"]:.0f}) '
+                  f'prefill {r[f"prefill_tok_s_{p}"]:.0f} sum of fractions {r[f"sum_of_fractions_{p}"]:.2f}'
                   for p in ("both", "both_decode_first") if r.get(f"sum_of_fractions_{p}") is not None]
+        head.append(f'preemptions={r.get("preemptions")}')
         errors = [f'errors={r["errors"]}'] if r.get("errors") else []
         return " ".join([r["config"], r["mode"], *head, *phases, *errors])
     fields = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
