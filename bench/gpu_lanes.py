@@ -204,9 +204,11 @@ def run(config: Path, device: str, decode_seqs: int, prompt_len: int, chunk: int
     row |= {"decode_context_end": context(), "preemptions": decode.scheduler.num_preemptions,
             "errors": dec.errors + pre.errors or None}
     yield row
-    from torch.cuda import green_contexts
-
-    if cuda and green_contexts.SUPPORTED:
+    try:
+        from torch.cuda import green_contexts
+    except ImportError:  # a PyTorch before green contexts
+        green_contexts = None
+    if cuda and green_contexts is not None and green_contexts.SUPPORTED:
         sms = sm_count(torch.device(device))
         n = prefill_sms or max(8, sms // 2 // 8 * 8)
         dec.errors, pre.errors = [], []
