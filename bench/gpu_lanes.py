@@ -38,11 +38,11 @@ from unittest import mock
 import torch
 
 from bench.gpu_decode import dummy_model_dir, emit
+from bench.gpu_profile import add_request
 from loopserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from loopserve.device_caps import sm_count
-from loopserve.engine.core import EngineCore, EngineRequest
+from loopserve.engine.core import EngineCore
 from loopserve.model import load_model_config
-from loopserve.sampling_params import SamplingParams
 
 # While both lanes' threads run: a thread waiting for the GIL gets it within this, not Python's 5 ms
 # default, so the decode lane's short host steps do not queue behind the prefill lane's eager launches.
@@ -154,9 +154,8 @@ def run(config: Path, device: str, decode_seqs: int, prompt_len: int, chunk: int
     vocab = decode.model_config.vocab_size
 
     def add(lane: Lane, max_tokens: int) -> None:
-        ids = [rng.randrange(100, vocab - 1) for _ in range(prompt_len)]
-        lane.core.add_request(EngineRequest(f"{lane.name}{lane.added}", ids, SamplingParams(
-            temperature=0, max_tokens=max_tokens, ignore_eos=True), ids_checked=True))
+        add_request(lane.core, f"{lane.name}{lane.added}", [rng.randrange(100, vocab - 1) for _ in range(prompt_len)],
+                    max_tokens)
         lane.added += 1
 
     # Decode requests outlast the run (none finishes); prompts finish at their first token and are replaced.
